@@ -1,0 +1,88 @@
+"""The `igdit` command: `igdit fit|validate --config experiments/<x>.yaml` (LightningCLI) and `igdit data build`.
+
+Any config field can be overridden on the command line with its dotted path, e.g.
+`igdit fit --config experiments/default.yaml --model.exits [4] --trainer.max_steps 2000`.
+A bad value stops before any compute with one line: `error: <field>: <value> is not allowed; <what is>`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
+
+from igdit.config import ConfigError
+from igdit.data import LatentDataModule
+from igdit.module import IGDiTModule
+from igdit.tracking import RunConfigSaver, run_directory
+
+
+class IGDiTCLI(LightningCLI):
+    """LightningCLI with igdit's run folder and end-of-run summary."""
+
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath is None:
+            # Each run gets its own folder, so no run can overwrite another run's checkpoints.
+            checkpoint.dirpath = str(run_directory(trainer) / "checkpoints")
+        if checkpoint is not None and Path(checkpoint.dirpath).is_dir() and any(Path(checkpoint.dirpath).iterdir()) \
+                and self.config_init[self.subcommand].get("ckpt_path") is None:
+            raise ConfigError("ModelCheckpoint.dirpath", checkpoint.dirpath,
+                              "already holds checkpoints of another run; choose an empty folder (nothing is deleted)")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer), flush=True)
+
+
+def run_summary(trainer) -> str:
+    """What a person needs after a run: where the MLflow run is, the final losses, the sample grid."""
+    lines = ["", "== igdit run finished =="]
+    logger = trainer.logger
+    if isinstance(logger, MLFlowLogger):
+        uri = logger._tracking_uri
+        lines.append(f"MLflow run      {logger.run_id} (experiment '{logger._experiment_name}') in {uri}")
+        lines.append(f"  open it with  mlflow ui --backend-store-uri {uri}")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and v.numel() == 1}
+    losses = {k: v for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/")) and "per_sec" not in k}
+    if losses:
+        lines.append("final losses    " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    samples = next((cb.path for cb in trainer.callbacks if getattr(cb, "path", None) is not None), None)
+    if samples is not None:
+        lines.append(f"samples         {samples}  (one row per class; left: final head, right: Internal Guidance)")
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
+        lines.append(f"checkpoint      {trainer.checkpoint_callback.last_model_path}")
+    return "\n".join(lines)
+
+
+def run_lightning_cli(argv: list[str], run: bool = True) -> IGDiTCLI:
+    """Build (and by default run) the LightningCLI on `argv`; a sweep trial reuses this exact path."""
+    return IGDiTCLI(
+        IGDiTModule,
+        LatentDataModule,
+        args=argv,
+        run=run,
+        save_config_callback=RunConfigSaver,
+        save_config_kwargs={"save_to_log_dir": False},
+        parser_kwargs={"parser_mode": "omegaconf"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["data"]:
+            from igdit.data.cli import main as data_main
+
+            return data_main(argv[1:])
+        run_lightning_cli(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

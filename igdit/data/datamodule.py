@@ -1,0 +1,300 @@
+"""LatentDataModule: streams (latent, label) batches from the WebDataset shards built by `igdit data build`.
+
+Training stream, per rank and DataLoader worker (WebDataset reads the rank from RANK/WORLD_SIZE or
+torch.distributed, the worker from the DataLoader):
+
+    sorted shard list -> split_by_node -> split_by_worker        (ranks and workers read DISJOINT shards)
+      -> that subset repeated forever, reshuffled each pass       (seed from seed, rank, worker, pass)
+      -> tar samples -> shuffle buffer -> (x, y) -> full per-device batches
+      -> epoch of steps_per_epoch batches                          (the same count on every rank: no DDP hang)
+
+Validation: every rank reads ALL val shards once, in shard order, unshuffled, last partial batch kept.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from igdit.config import ConfigError, check_number
+from igdit.data.encoders import LatentNormalizer
+from igdit.data.shards import load_meta
+
+
+def resolve_shards(spec: Optional[str], root: Path, split: str, field: str) -> list[str]:
+    """Shard paths for one split, in a fixed (sorted or written) order that every rank agrees on.
+
+    spec None: ``<root>/<split>-*.tar``. Otherwise a brace pattern (``train-{000000..000016}.tar``), a glob,
+    or ``a.tar::b.tar``; relative paths are taken inside ``root``; URLs (``s3://``, ``pipe:``) pass as given.
+    """
+    if spec is None:
+        urls = sorted(glob.glob(str(root / f"{split}-*.tar")))
+        if not urls:
+            raise ConfigError("data.root", str(root), f"holds no {split}-*.tar shards; build them with "
+                              f"`igdit data build digits {root}`")
+        return urls
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(field, spec, "expected a shard pattern such as 'train-{000000..000016}.tar' or 'train-*.tar'")
+    if "://" in spec or spec.startswith("pipe:"):
+        return wds.shardlists.expand_urls(spec)  # remote shards: WebDataset reports unreadable ones when it reads
+    pattern = spec if os.path.isabs(spec) else str(root / spec)
+    expanded = wds.shardlists.expand_urls(pattern)  # braces and '::' lists, as WebDataset itself expands them
+    if any(ch in pattern for ch in "*?["):
+        urls = sorted({path for pat in expanded for path in glob.glob(pat)})
+    else:
+        missing = [u for u in expanded if not os.path.isfile(u)]
+        if missing:
+            raise ConfigError(field, spec, f"names {len(missing)} missing file(s), e.g. {missing[0]}")
+        urls = expanded
+    if not urls:
+        raise ConfigError(field, spec, f"matches no shard files (looked for {pattern})")
+    return urls
+
+
+def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool):
+    """Raw tar sample -> (x float32 (c, h, w), y long ()) or (key, x, y).
+
+    Decodes with WebDataset's own npy/cls decoders; a failure names the sample and its shard, so the
+    warning that wds.warn_and_continue prints says what was skipped.
+    """
+    key, url = sample.get("__key__"), sample.get("__url__")
+    try:
+        latent = wds.autodecode.npy_loads(sample["latent.npy"])
+        label = wds.autodecode.decoders["cls"](sample["cls"])
+        if tuple(latent.shape) != latent_shape:
+            raise ValueError(f"latent shape {tuple(latent.shape)}, meta.json says {latent_shape}")
+    except Exception as err:
+        raise ValueError(f"skipped sample {key} of {url}: {err!r}") from err
+    x = torch.from_numpy(np.asarray(latent, dtype=np.float32))
+    y = torch.tensor(label, dtype=torch.long)
+    return (key, x, y) if with_keys else (x, y)
+
+
+def _too_few_shards(num_shards: int, world_size: int, workers: int) -> str:
+    return (f"holds {num_shards} train shard(s); {world_size} rank(s) x {workers} worker(s) each read their own "
+            f"shards and need at least {world_size * workers}; rebuild with a smaller --samples-per-shard "
+            "or lower data.num_workers")
+
+
+class RepeatShards(wds.PipelineStage):
+    """Stage after split_by_node/split_by_worker: repeats this rank's and worker's shards forever.
+
+    Each pass visits the subset in a fresh order from seed (seed, rank, worker, pass). The pass counter
+    lives on the stage, which persists across epochs (main process, or persistent DataLoader workers),
+    so a new epoch continues the sequence instead of replaying the first one.
+    """
+
+    def __init__(self, num_shards: int, seed: int, field: str, value, expected_node: Optional[tuple] = None):
+        self.num_shards, self.seed, self.field, self.value = num_shards, seed, field, value
+        self.expected_node = expected_node  # (rank, world_size) the trainer reported, to catch a silent rank-0 fallback
+        self.passes = 0
+
+    def run(self, src):
+        shards = list(src)
+        rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
+        if self.expected_node is not None and (rank, world_size) != self.expected_node:
+            raise RuntimeError(f"WebDataset sees rank {rank} of {world_size} but the trainer runs rank "
+                               f"{self.expected_node[0]} of {self.expected_node[1]}: ranks would read the same "
+                               "shards. Set RANK and WORLD_SIZE, or use the 'fork' DataLoader start method.")
+        if self.num_shards < world_size * workers:
+            raise ConfigError(self.field, self.value, _too_few_shards(self.num_shards, world_size, workers))
+        while True:
+            order = list(shards)
+            random.Random(wds.utils.make_seed(self.seed, rank, worker, self.passes)).shuffle(order)
+            self.passes += 1
+            yield from order
+
+
+class ShuffleSamples(wds.PipelineStage):
+    """WebDataset's shuffle buffer, seeded from (seed, rank, worker, run) at iteration time in the worker."""
+
+    def __init__(self, bufsize: int, seed: int):
+        self.bufsize, self.seed, self.runs = bufsize, seed, 0
+
+    def run(self, src):
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        seed = wds.utils.make_seed(self.seed, rank, worker, self.runs, 1)  # trailing 1: differs from the shard seed
+        self.runs += 1
+        return wds.shuffle(self.bufsize, initial=self.bufsize, seed=seed)(src)
+
+
+class LatentDataModule(pl.LightningDataModule):
+    """(x, y) batches of normalised latents x (B, c, h, w) float32 and labels y (B,) long from built shards.
+
+    root: folder written by `igdit data build` (holds meta.json, train-*.tar, val-*.tar).
+    batch_size: GLOBAL batch across all devices; each device gets batch_size // world_size.
+    num_workers: DataLoader workers per device (persistent when > 0).
+    shuffle_buffer: samples held in the shuffle buffer of each worker.
+    val_batch_size: per-device validation batch (default: the per-device training batch).
+    steps_per_epoch: training batches per epoch on every rank (default: one expected pass,
+        ceil(train samples / batch_size)); rounded up to a multiple of num_workers.
+    seed: base seed of the shard and sample shuffles.
+    train_shards, val_shards: shard patterns overriding root/train-*.tar and root/val-*.tar.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/digits",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        val_batch_size: Optional[int] = None,
+        steps_per_epoch: Optional[int] = None,
+        seed: int = 0,
+        train_shards: Optional[str] = None,
+        val_shards: Optional[str] = None,
+    ):
+        super().__init__()
+        if not isinstance(root, (str, os.PathLike)) or not str(root):
+            raise ConfigError("data.root", root, "expected a folder built by `igdit data build`")
+        check_number("data.batch_size", batch_size, low=1, integer=True)
+        check_number("data.num_workers", num_workers, low=0, integer=True)
+        check_number("data.shuffle_buffer", shuffle_buffer, low=1, integer=True)
+        if val_batch_size is not None:
+            check_number("data.val_batch_size", val_batch_size, low=1, integer=True)
+        if steps_per_epoch is not None:
+            check_number("data.steps_per_epoch", steps_per_epoch, low=1, integer=True)
+        check_number("data.seed", seed, low=0, integer=True)
+        self.save_hyperparameters()
+        self.root = str(root)
+        self.batch_size, self.num_workers, self.shuffle_buffer = int(batch_size), int(num_workers), int(shuffle_buffer)
+        self.val_batch_size, self.seed = val_batch_size, int(seed)
+        self.train_shards_spec = train_shards
+        # Read everything the run depends on now, so missing data fails before any compute.
+        self._meta = load_meta(self.root)
+        self.train_urls = resolve_shards(train_shards, Path(self.root), "train", "data.train_shards")
+        self.val_urls = resolve_shards(val_shards, Path(self.root), "val", "data.val_shards")
+        self._normalizer = LatentNormalizer.from_dict(self._meta["normalizer"])
+        if train_shards is None:
+            self.num_train_samples = int(self._meta["num_samples"]["train"])
+        else:  # estimate from the share of the built shards that the pattern selects
+            built = self._meta["num_samples"]["train"] / max(1, self._meta["num_shards"]["train"])
+            self.num_train_samples = max(1, round(built * len(self.train_urls)))
+        self._steps_per_epoch = steps_per_epoch
+        self._world_size = 1
+        self._expected_node: Optional[tuple] = None
+
+    # ---- what the shards hold -------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        return self._meta
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c, h, w = self._meta["latent_shape"]
+        return (int(c), int(h), int(w))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self._meta["num_classes"])
+
+    @property
+    def normalizer(self) -> LatentNormalizer:
+        return self._normalizer
+
+    @property
+    def per_device_batch_size(self) -> int:
+        return self.batch_size // self._world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch on every rank (a multiple of the worker count)."""
+        steps = self._steps_per_epoch or math.ceil(self.num_train_samples / self.batch_size)
+        workers = max(1, self.num_workers)
+        return math.ceil(steps / workers) * workers
+
+    def check_model(self, latent_shape, num_classes: int) -> None:
+        """Raise a one-line ConfigError when a model's (c, h, w) input or class count differs from the shards'."""
+        c, h, w = self.latent_shape
+        mc, mh, mw = (int(v) for v in latent_shape)
+        where = f"the shards in {self.root}"
+        if mc != c:
+            raise ConfigError("model.in_channels", mc, f"{where} hold {c}-channel latents ({c}x{h}x{w}); "
+                              f"set model.in_channels to {c}")
+        if (mh, mw) != (h, w):
+            raise ConfigError("model.input_size", mh if mh == mw else (mh, mw),
+                              f"{where} hold {h}x{w} latents; set model.input_size to {h}")
+        if int(num_classes) != self.num_classes:
+            raise ConfigError("model.num_classes", int(num_classes), f"{where} have {self.num_classes} classes; "
+                              f"set model.num_classes to {self.num_classes}")
+
+    def _check_shard_count(self, world_size: int) -> None:
+        workers = max(1, self.num_workers)
+        if len(self.train_urls) < world_size * workers:
+            field, value = ("data.root", self.root) if self.train_shards_spec is None \
+                else ("data.train_shards", self.train_shards_spec)
+            raise ConfigError(field, value, _too_few_shards(len(self.train_urls), world_size, workers))
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        world_size = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+        if self.batch_size % world_size:
+            raise ConfigError("data.batch_size", self.batch_size, f"must be divisible by the world size {world_size} "
+                              "(it is the global batch across all devices)")
+        self._world_size = world_size
+        self._check_shard_count(world_size)
+        rank = getattr(trainer, "global_rank", None)
+        self._expected_node = (rank, world_size) if isinstance(rank, int) and world_size > 1 else None
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if hasattr(module, "latent_shape") and hasattr(module, "num_classes"):
+            self.check_model(module.latent_shape, module.num_classes)
+
+    # ---- pipelines ----------------------------------------------------------------------------------
+    def _decode_stages(self, with_keys: bool) -> list:
+        return [
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys),
+                    handler=wds.warn_and_continue),
+        ]
+
+    def train_samples(self, with_keys: bool = False) -> wds.DataPipeline:
+        """Infinite shuffled stream of (x (c, h, w) float32, y () long), or (key, x, y) with ``with_keys``,
+        for the rank and worker WebDataset sees (RANK/WORLD_SIZE or torch.distributed; DataLoader worker)."""
+        field, value = ("data.root", self.root) if self.train_shards_spec is None \
+            else ("data.train_shards", self.train_shards_spec)
+        tar, to_tensors = self._decode_stages(with_keys)
+        return wds.DataPipeline(
+            wds.SimpleShardList(self.train_urls),  # no shuffle here: all ranks must split the same list
+            wds.split_by_node,
+            wds.split_by_worker,
+            RepeatShards(len(self.train_urls), self.seed, field, value, self._expected_node),
+            tar,
+            ShuffleSamples(self.shuffle_buffer, self.seed),  # shuffle raw bytes; decode only what leaves the buffer
+            to_tensors,
+        )
+
+    def train_dataset(self) -> wds.DataPipeline:
+        """Full per-device batches, steps_per_epoch of them per epoch across this rank's workers."""
+        per_worker = self.steps_per_epoch // max(1, self.num_workers)  # each worker yields its share
+        return self.train_samples().compose(wds.batched(self.per_device_batch_size, partial=False)) \
+            .with_epoch(nbatches=per_worker)
+
+    def val_dataset(self, with_keys: bool = False) -> wds.DataPipeline:
+        """One pass over all val shards in order: (x (B, c, h, w), y (B,)) batches, the last one partial."""
+        return wds.DataPipeline(
+            wds.SimpleShardList(self.val_urls),
+            wds.split_by_worker,  # no split_by_node: every rank validates on the whole set
+            *self._decode_stages(with_keys),
+            wds.batched(self.val_batch_size or self.per_device_batch_size, partial=True),
+        )
+
+    def _loader(self, dataset) -> DataLoader:
+        # batch_size=None: the pipeline already batches.
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset())

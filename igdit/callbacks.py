@@ -22,6 +22,13 @@ class SamplesThroughput(ThroughputMonitor):
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=lambda batch: batch[0].shape[0], window_size=window_size)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # FLOPs per batch (counted once on the meta device) let Lightning report flops_per_sec and MFU.
+        batch = getattr(trainer.datamodule, "per_device_batch_size", None) if trainer.datamodule else None
+        if batch and hasattr(pl_module, "training_flops") and not hasattr(pl_module, "flops_per_batch"):
+            pl_module.flops_per_batch = pl_module.training_flops(batch)
+        super().setup(trainer, pl_module, stage)
+
 
 def decode_latents(latents: torch.Tensor, meta: Optional[dict]) -> torch.Tensor:
     """(N, c, h, w) normalised latents -> (N, C, H, W) images in [-1, 1], with the shards' own normaliser

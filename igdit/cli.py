@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -22,6 +23,8 @@ class IGDiTCLI(LightningCLI):
     """LightningCLI with igdit's run folder and end-of-run summary."""
 
     def before_fit(self) -> None:
+        # Shapes first: a mismatch must stop before anything (an MLflow run included) is created.
+        self.datamodule.check_model(self.model.latent_shape, self.model.num_classes)
         trainer = self.trainer
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.dirpath is None:
@@ -57,7 +60,7 @@ def run_summary(trainer) -> str:
     return "\n".join(lines)
 
 
-def run_lightning_cli(argv: list[str], run: bool = True) -> IGDiTCLI:
+def run_lightning_cli(argv: list[str] | None, run: bool = True) -> IGDiTCLI:
     """Build (and by default run) the LightningCLI on `argv`; a sweep trial reuses this exact path."""
     return IGDiTCLI(
         IGDiTModule,
@@ -66,20 +69,22 @@ def run_lightning_cli(argv: list[str], run: bool = True) -> IGDiTCLI:
         run=run,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"save_to_log_dir": False},
-        parser_kwargs={"parser_mode": "omegaconf"},
+        # exit_on_error=False: a bad value raises instead of printing the whole usage; main() prints one line.
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+        auto_configure_optimizers=False,  # the optimiser is model.optimizer (IGDiTModule.configure_optimizers)
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["data"]:
+        if args[:1] == ["data"]:
             from igdit.data.cli import main as data_main
 
-            return data_main(argv[1:])
-        run_lightning_cli(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+            return data_main(args[1:])
+        run_lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
+    except (ConfigError, ArgumentError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     return 0
 

@@ -116,14 +116,28 @@ class IGDiTModule(pl.LightningModule):
     def num_classes(self) -> int:
         return self.hparams.num_classes
 
-    def configure_model(self) -> None:
-        if self.compile_backbone:
-            self.backbone.compile()  # in place: state-dict keys keep their names
-
     def setup(self, stage: str) -> None:
+        if self.compile_backbone:
+            # In place, so state-dict keys keep their names. Lightning runs callbacks' setup first, so
+            # EMAWeightAveraging has already copied the (uncompiled) module it averages into.
+            self.backbone.compile()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "meta"):
             self.data_meta = datamodule.meta
+
+    def training_flops(self, batch_size: int) -> int:
+        """FLOPs of one training step's forward + backward on `batch_size` samples, counted on the meta device."""
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        h = self.hparams
+        with torch.device("meta"):
+            model = build_backbone(h.name, input_size=h.input_size, in_channels=h.in_channels,
+                                   num_classes=h.num_classes, exits=h.exits, qk_norm=h.qk_norm)
+            x, t = torch.empty(batch_size, *self.latent_shape), torch.empty(batch_size)
+            y = torch.zeros(batch_size, dtype=torch.long)
+        exits = self.objective.exits_needed(0)
+        return measure_flops(model, lambda: model(x, t, y, exits=exits),
+                             lambda out: out.final.sum() + sum(v.sum() for v in out.exits.values()))
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null label num_classes with probability class_dropout."""

@@ -41,8 +41,10 @@ def run_directory(trainer) -> Path:
     Unique per run, so a new run never writes into (or over) an earlier run's checkpoints.
     """
     logger = trainer.logger
-    name = getattr(logger, "name", None) or "default"
-    run = getattr(logger, "run_id", None) or f"version_{getattr(logger, 'version', 0)}"
+    if isinstance(logger, MLFlowLogger):
+        name, run = logger._experiment_name, logger.run_id
+    else:
+        name, run = getattr(logger, "name", None) or "default", f"version_{getattr(logger, 'version', 0)}"
     return Path(trainer.default_root_dir) / str(name) / str(run)
 
 

@@ -8,7 +8,7 @@ from igdit.models.output import DiTOutput
 from igdit.models.sit import SiT, exit_head_name
 
 MODEL_SIZES = {
-    "T": dict(depth=6, hidden_size=192, num_heads=3),
+    "T": dict(depth=6, hidden_size=128, num_heads=4),
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

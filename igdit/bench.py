@@ -1,0 +1,134 @@
+"""`make bench`: measure the speed and memory targets side by side in one run and write a report.
+
+Targets (issue 2): the default run's training part <= 8 min on 2 CPU cores; the exit head costs <= 1% of a
+training step against the same backbone without it; peak memory of the default run < 4 GiB.
+Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
+the median of per-round ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _training_step_seconds(module, optimizer, x, y, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = module.compute_loss(x, y, step=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def exit_head_overhead(config: str, rounds: int = 7, steps: int = 10) -> dict:
+    """Median over interleaved rounds of (step time with the exit head) / (step time without it)."""
+    import yaml
+
+    from igdit.module import IGDiTModule
+
+    model_args = yaml.safe_load(Path(config).read_text())["model"]
+    batch = yaml.safe_load(Path(config).read_text())["data"]["batch_size"]
+    torch.manual_seed(0)
+    with_exit = IGDiTModule(**model_args)
+    torch.manual_seed(0)
+    without = IGDiTModule(**{**model_args, "exits": [], "exit_loss": {**model_args.get("exit_loss", {}), "weight": 0.0}})
+    shape = with_exit.latent_shape
+    x, y = torch.randn(batch, *shape), torch.randint(0, with_exit.num_classes, (batch,))
+    variants = {"with_exit": with_exit, "without_exit": without}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
+    for k, m in variants.items():  # warm-up
+        _training_step_seconds(m, optimizers[k], x, y, 3)
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, m in variants.items():
+            times[k].append(_training_step_seconds(m, optimizers[k], x, y, steps))
+    ratios = [a / b for a, b in zip(times["with_exit"], times["without_exit"])]
+    params = {k: sum(p.numel() for p in m.backbone.parameters()) for k, m in variants.items()}
+    return {
+        "batch": batch, "rounds": rounds, "steps_per_round": steps,
+        "step_ms_with_exit": 1000 * statistics.median(times["with_exit"]),
+        "step_ms_without_exit": 1000 * statistics.median(times["without_exit"]),
+        "median_ratio": statistics.median(ratios), "ratios": ratios,
+        "params_with_exit": params["with_exit"], "params_without_exit": params["without_exit"],
+    }
+
+
+def default_run(config: str, extra: list[str]) -> dict:
+    """Run `igdit fit` as a user would (own process) into a scratch MLflow store; wall time, peak RSS."""
+    from mlflow.tracking import MlflowClient
+
+    scratch = Path(tempfile.mkdtemp(prefix="igdit-bench-"))
+    uri = f"sqlite:///{scratch / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "igdit.cli", "fit", "--config", config,
+           "--trainer.logger.init_args.tracking_uri", uri,
+           "--trainer.logger.init_args.artifact_location", (scratch / "mlartifacts").as_uri(),
+           "--trainer.logger.init_args.experiment_name", "bench",
+           "--trainer.default_root_dir", str(scratch / "runs"), "--trainer.enable_progress_bar", "false", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"the default run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
+    metrics = run.data.metrics
+    return {
+        "wall_seconds_whole_command": wall,
+        "train_seconds": metrics.get("train/time"),
+        "train_samples": metrics.get("train/samples"),
+        "samples_per_sec": (metrics["train/samples"] / metrics["train/time"]) if metrics.get("train/time") else None,
+        "final_train_diffusion": metrics.get("train/diffusion"), "final_val_diffusion": metrics.get("val/diffusion"),
+        "peak_rss_gib": peak_kib / 2**20, "summary": proc.stdout.strip().splitlines()[-7:],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="experiments/default.yaml")
+    parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--skip-run", action="store_true", help="only the exit-head comparison")
+    args, extra = parser.parse_known_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    overhead = exit_head_overhead(args.config)
+    run = None if args.skip_run else default_run(args.config, extra)
+    lines = [f"# Benchmarks\n", f"Measured {time.strftime('%Y-%m-%d')} on {machine} by `make bench` "
+             f"(`python -m igdit.bench`), config `{args.config}`.\n",
+             "## Exit head cost (target: <= 1% of a training step)\n",
+             f"Same backbone, same batch ({overhead['batch']}), forward + backward + AdamW step, "
+             f"{overhead['rounds']} interleaved rounds of {overhead['steps_per_round']} steps.\n",
+             "| variant | params | median step (ms) |", "|---|---|---|",
+             f"| exit head + exit loss | {overhead['params_with_exit']:,} | {overhead['step_ms_with_exit']:.1f} |",
+             f"| no exit head | {overhead['params_without_exit']:,} | {overhead['step_ms_without_exit']:.1f} |",
+             f"\nMedian ratio with/without: **{overhead['median_ratio']:.4f}** "
+             f"(per round: {', '.join(f'{r:.3f}' for r in overhead['ratios'])}).\n"]
+    if run is not None:
+        lines += ["## Default run (targets: training <= 8 min on 2 CPU cores, peak memory < 4 GiB)\n",
+                  "| measure | value |", "|---|---|",
+                  f"| training time (Lightning ThroughputMonitor `train/time`) | {run['train_seconds']:.0f} s |",
+                  f"| samples/s | {run['samples_per_sec']:.0f} |",
+                  f"| whole `igdit fit` command (start-up, validation, sample grid) | {run['wall_seconds_whole_command']:.0f} s |",
+                  f"| peak resident memory of the run | {run['peak_rss_gib']:.2f} GiB |",
+                  f"| final train/diffusion, val/diffusion | {run['final_train_diffusion']:.4f}, {run['final_val_diffusion']:.4f} |",
+                  ""]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({"exit_head": overhead, "default_run": run}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

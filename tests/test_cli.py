@@ -1,0 +1,136 @@
+"""The `igdit` command: shipped configs parse, bad values stop with one line, a short fit end to end."""
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from igdit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_shipped_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    source = yaml.safe_load(config.read_text())
+    assert printed["model"]["name"] == source["model"]["name"]
+    assert printed["model"]["exits"] == source["model"]["exits"]
+    assert printed["data"]["batch_size"] == source["data"]["batch_size"]
+
+
+def test_paper_configs_carry_the_paper_settings():
+    b2 = yaml.safe_load((REPO / "experiments/sit_b2_ig.yaml").read_text())
+    xl = yaml.safe_load((REPO / "experiments/sit_xl2_ig.yaml").read_text())
+    for cfg, exit_ in ((b2, 4), (xl, 8)):
+        assert cfg["model"]["exits"] == [exit_]
+        assert cfg["model"]["exit_loss"]["weight"] == 0.5 and cfg["model"]["exit_loss"]["loss"] == "mse"
+        assert cfg["model"]["optimizer"]["lr"] == 1e-4 and cfg["model"]["optimizer"]["weight_decay"] == 0
+        assert cfg["data"]["batch_size"] == 256 and cfg["trainer"]["gradient_clip_val"] == 1.0
+        ema = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeightAveraging"))
+        assert ema["init_args"]["decay"] == 0.9999
+
+
+def _fit_args(root: Path, scratch: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(REPO / "experiments/default.yaml"), "--data.root", str(root),
+            "--trainer.logger.init_args.tracking_uri", f"sqlite:///{scratch / 'mlflow.db'}",
+            "--trainer.logger.init_args.artifact_location", (scratch / "mlartifacts").as_uri(),
+            "--trainer.default_root_dir", str(scratch / "runs"), *extra]
+
+
+@pytest.mark.parametrize("override,field", [
+    (["--model.exits", "[0]"], "model.exits"),
+    (["--model.exits", "[6]"], "model.exits"),
+    (["--model.exit_loss.weight", "-0.5"], "model.exit_loss.weight"),
+    (["--model.exit_loss.weight", "abc"], "model.exit_loss.weight"),
+    (["--model.name", "SiT-Q/2"], "model.name"),
+    (["--model.input_size", "16"], "model.input_size"),
+    (["--model.num_classes", "7"], "model.num_classes"),
+    (["--data.batch_size", "0"], "data.batch_size"),
+])
+def test_bad_values_stop_before_compute_with_one_line(override, field, digits_root, tmp_path, capsys):
+    assert main(_fit_args(digits_root, tmp_path, *override)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and field in err
+    assert not (tmp_path / "runs").exists()  # nothing was trained or written
+
+
+def test_data_path_without_shards_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(_fit_args(empty, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: data.root") and "igdit data build" in err
+
+
+def _short_config(tmp_path: Path) -> Path:
+    """The default experiment, shortened for a test: fewer steps, EMA from the start, a smaller grid."""
+    cfg = yaml.safe_load((REPO / "experiments/default.yaml").read_text())
+    cfg["trainer"].update(max_steps=40, val_check_interval=20, log_every_n_steps=5, enable_progress_bar=False)
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("EMAWeightAveraging"):
+            cb["init_args"].update(decay=0.9, update_starting_at_step=0)
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["every_n_train_steps"] = 20
+        if cb["class_path"].endswith("SampleGrid"):
+            cb["init_args"].update(samples_per_class=2, steps=8)
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(digits_root, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from igdit.module import IGDiTModule
+
+    args = _fit_args(digits_root, tmp_path)
+    args[2] = str(_short_config(tmp_path))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "== igdit run finished ==" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("igdit-digits").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    for key in ("train/loss", "train/diffusion", "train/ig_exit", "val/loss", "val/diffusion", "val/ig_exit",
+                "train/device/samples_per_sec", "lr-AdamW"):
+        assert key in run.data.metrics, key
+    history = client.get_metric_history(run.info.run_id, "train/diffusion")
+    assert max(m.step for m in history) >= 35
+    assert run.data.params["exits"] == "[2]" and run.data.params["name"] == "SiT-T/2"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "samples.png"} <= artifacts
+
+    run_dir = tmp_path / "runs" / "igdit-digits" / run.info.run_id
+    grid = Image.open(run_dir / "samples.png")
+    assert grid.height == 10 * (8 * 4 + 4)  # one row per class: 8x8 digits upscaled x4, 2 px padding
+    assert str(run_dir / "samples.png") in out
+
+    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # plain containers only
+    assert checkpoint["igdit_data_meta"]["latent_shape"] == [1, 8, 8]
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    name = "backbone.final_layer.linear.weight"
+    assert not torch.equal(ema[name], raw[name])  # the EMA weights are what state_dict holds
+    reloaded = IGDiTModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    torch.testing.assert_close(reloaded.state_dict()[name], ema[name])
+    assert reloaded.data_meta["num_classes"] == 10
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    out = reloaded.backbone(x, torch.tensor([0.5, 0.5]), y, exits=[2])
+    assert out.final.abs().sum() > 0 and out.exits[2].abs().sum() > 0  # trained, no longer zero-init
+
+    # A second run never touches the first run's files.
+    digest = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
+    assert main(args) == 0
+    runs = client.search_runs([client.get_experiment_by_name("igdit-digits").experiment_id])
+    assert len(runs) == 2 and len({r.info.run_id for r in runs}) == 2
+    assert hashlib.sha256(ckpt_path.read_bytes()).hexdigest() == digest

@@ -52,6 +52,11 @@ def run_summary(trainer) -> str:
     losses = {k: v for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/")) and "per_sec" not in k}
     if losses:
         lines.append("final losses    " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        lines.append("                (val/* are scored with the EMA weights when EMAWeightAveraging is on)")
+    logged = trainer.logged_metrics
+    if "train/time" in logged and "train/samples" in logged:  # from ThroughputMonitor; validation excluded
+        seconds, samples = float(logged["train/time"]), float(logged["train/samples"])
+        lines.append(f"training        {seconds:.0f} s, {samples / max(seconds, 1e-9):.0f} samples/s")
     samples = next((cb.path for cb in trainer.callbacks if getattr(cb, "path", None) is not None), None)
     if samples is not None:
         lines.append(f"samples         {samples}  (one row per class; left: final head, right: Internal Guidance)")

@@ -55,7 +55,8 @@ class Denoiser:
 
     ig: Internal Guidance with the backbone's exit head `ig_exit` (the first exit by default).
     cfg: classifier-free guidance against the null label (`backbone.num_classes`).
-    `forward_passes` counts backbone calls (one call on a doubled CFG batch counts once, as NFE does).
+    Each call is exactly one backbone forward pass (on a doubled batch inside the CFG interval), so a
+    sampler's count of calls is its NFE.
     """
 
     def __init__(self, backbone, ig: GuidanceRule | None = None, cfg: GuidanceRule | None = None,
@@ -67,7 +68,6 @@ class Denoiser:
         self.ig_exit = ig_exit if ig_exit is not None else (exits[0] if exits else None)
         if self.ig.scale != 1.0 and self.ig_exit not in exits:
             raise ValueError(f"guidance.ig.scale: {self.ig.scale} needs an exit head; the model has exits {list(exits)}")
-        self.forward_passes = 0
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,6 @@ class Denoiser:
         t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
         exits = (self.ig_exit,) if use_ig else ()
         out = self.backbone(x, t_batch, y, exits=exits)
-        self.forward_passes += 1
         v = internal_guidance(out.final, out.exits[self.ig_exit], self.ig.scale) if use_ig else out.final
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)

@@ -1,4 +1,9 @@
-"""The `igdit` command: `igdit fit|validate --config experiments/<x>.yaml` (LightningCLI) and `igdit data build`.
+"""The `igdit` command.
+
+    igdit fit|validate --config experiments/<x>.yaml [--dotted.overrides ...]   (LightningCLI)
+    igdit data build <source> <out_dir>                                          (igdit.data.cli)
+    igdit sample --ckpt <file> --sampler sde --ig.scale 1.4 ...                 (igdit.sampling)
+    igdit import-ckpt --from official-sit <file.pt> --model SiT-XL/2 --exit 8 --out <ckpt>  (igdit.checkpoints)
 
 Any config field can be overridden on the command line with its dotted path, e.g.
 `igdit fit --config experiments/default.yaml --model.exits [4] --trainer.max_steps 2000`.
@@ -80,13 +85,22 @@ def run_lightning_cli(argv: list[str] | None, run: bool = True) -> IGDiTCLI:
     )
 
 
+def _plain_command(name: str):
+    """The argparse commands beside LightningCLI's subcommands, imported only when used."""
+    if name == "data":
+        from igdit.data.cli import main as command
+    elif name == "sample":
+        from igdit.sampling import main as command
+    else:
+        from igdit.checkpoints import main as command
+    return command
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args[:1] == ["data"]:
-            from igdit.data.cli import main as data_main
-
-            return data_main(args[1:])
+        if args[:1] in (["data"], ["sample"], ["import-ckpt"]):
+            return _plain_command(args[0])(args[1:])
         run_lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
     except (ConfigError, ArgumentError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)

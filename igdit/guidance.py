@@ -1,10 +1,18 @@
-"""Guidance rules composed around a backbone (DESIGN.md contract 4).
+"""Guidance rules composed around a backbone (DESIGN.md contract 4). The IG rule lives here.
 
-The denoiser turns one backbone into the velocity a sampler integrates. Rules are applied in one
-documented order: **Internal Guidance inside each conditioning branch, then CFG across branches**.
-Every interval is written in the project's time convention (t = 1 is noise) and is inclusive at both
-ends, as in the official code (`low <= t <= high`). Outside its interval a rule costs nothing: the exit
-head runs only on steps inside the IG interval, the batch is doubled only on steps inside the CFG one.
+The denoiser turns a backbone into the velocity a sampler integrates. Rules apply in one documented order:
+
+  1. one forward pass on the batch (on [x; x] with labels [y; null] while CFG is active);
+  2. **Internal Guidance inside each branch**: v = v_exit + w_ig (v_final - v_exit);
+  3. **Autoguidance inside each branch**: v = v_guide + w_ag (v - v_guide), v_guide from a weaker
+     checkpoint with the same conditioning (edm2's `gnet.lerp(net, w)`);
+  4. **CFG across branches**: v = v_u + s (v_c - v_u), on all latent channels.
+
+Guidance acts on the velocity; an SDE sampler forms its drift from the guided velocity (everything is
+affine in v, so this equals the public SiT code's guidance of the drift). Intervals are in the project's
+time (t = 1 is noise) and inclusive at both ends, as in the official code (`low <= t <= high`). Outside
+its interval a rule costs nothing: the exit head runs only inside the IG interval, the guide network
+only inside the Autoguidance interval, and the batch is doubled only inside the CFG interval.
 """
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from igdit.config import check_interval, check_number
+from igdit.config import ConfigError, check_interval, check_number
 
 
 def internal_guidance(v_final: torch.Tensor, v_exit: torch.Tensor, scale: float) -> torch.Tensor:
@@ -23,6 +31,13 @@ def internal_guidance(v_final: torch.Tensor, v_exit: torch.Tensor, scale: float)
     if scale == 1.0:
         return v_final
     return v_exit + scale * (v_final - v_exit)
+
+
+def autoguidance(v_main: torch.Tensor, v_guide: torch.Tensor, scale: float) -> torch.Tensor:
+    """Autoguidance (Karras et al. 2024): v = v_guide + w (v_main - v_guide); w = 1 returns v_main."""
+    if scale == 1.0:
+        return v_main
+    return v_guide + scale * (v_main - v_guide)
 
 
 def classifier_free_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -53,32 +68,50 @@ class GuidanceRule:
 class Denoiser:
     """backbone ∘ guidance: call with (x (N,C,H,W), t: float in [0,1], y (N,) labels) -> velocity (N,C,H,W).
 
-    ig: Internal Guidance with the backbone's exit head `ig_exit` (the first exit by default).
+    ig: Internal Guidance with the backbone's exit head `ig_exit` (its first exit by default).
     cfg: classifier-free guidance against the null label (`backbone.num_classes`).
-    Each call is exactly one backbone forward pass (on a doubled batch inside the CFG interval), so a
-    sampler's count of calls is its NFE.
+    autoguidance + guide: Autoguidance against a second, weaker backbone with the same classes and shape.
+    Cost accounting: `network_passes` counts forward calls of any network (main and guide) and
+    `network_rows` the samples pushed through them, so a doubled CFG batch costs twice the rows.
     """
 
     def __init__(self, backbone, ig: GuidanceRule | None = None, cfg: GuidanceRule | None = None,
-                 ig_exit: int | None = None):
-        self.backbone = backbone
+                 autoguidance: GuidanceRule | None = None, guide=None, ig_exit: int | None = None):
+        self.backbone, self.guide = backbone, guide
         self.ig = (ig or GuidanceRule()).validate("guidance.ig")
         self.cfg = (cfg or GuidanceRule()).validate("guidance.cfg")
+        self.ag = (autoguidance or GuidanceRule()).validate("guidance.autoguidance")
         exits = tuple(getattr(backbone, "exit_indices", ()))
         self.ig_exit = ig_exit if ig_exit is not None else (exits[0] if exits else None)
         if self.ig.scale != 1.0 and self.ig_exit not in exits:
-            raise ValueError(f"guidance.ig.scale: {self.ig.scale} needs an exit head; the model has exits {list(exits)}")
+            raise ConfigError("guidance.ig.scale", self.ig.scale,
+                              f"needs an exit head; this model has exits {list(exits)} (scale 1 turns IG off)")
+        if self.ag.scale != 1.0:
+            if guide is None:
+                raise ConfigError("guidance.autoguidance.scale", self.ag.scale, "needs a guide checkpoint")
+            for name in ("num_classes", "in_channels", "input_size"):
+                if getattr(guide, name) != getattr(backbone, name):
+                    raise ConfigError(f"guidance.autoguidance.{name}", getattr(guide, name),
+                                      f"the guide must match the main model's {name} {getattr(backbone, name)}")
+        self.network_passes = 0
+        self.network_rows = 0
+
+    def _forward(self, net, x, t_batch, y, exits=()):
+        self.network_passes += 1
+        self.network_rows += x.shape[0]
+        return net(x, t_batch, y, exits=exits)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
-        use_ig, use_cfg = self.ig.active(t), self.cfg.active(t)
+        use_ig, use_cfg, use_ag = self.ig.active(t), self.cfg.active(t), self.ag.active(t)
         if use_cfg:
             null = torch.full_like(y, self.backbone.num_classes)
             x, y = torch.cat([x, x]), torch.cat([y, null])
         t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
-        exits = (self.ig_exit,) if use_ig else ()
-        out = self.backbone(x, t_batch, y, exits=exits)
+        out = self._forward(self.backbone, x, t_batch, y, exits=(self.ig_exit,) if use_ig else ())
         v = internal_guidance(out.final, out.exits[self.ig_exit], self.ig.scale) if use_ig else out.final
+        if use_ag:
+            v = autoguidance(v, self._forward(self.guide, x, t_batch, y).final, self.ag.scale)
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = classifier_free_guidance(v_cond, v_uncond, self.cfg.scale)

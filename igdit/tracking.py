@@ -51,8 +51,8 @@ def run_directory(trainer) -> Path:
 class RunConfigSaver(SaveConfigCallback):
     """Writes the resolved config into the run folder and attaches it to the MLflow run.
 
-    MLflow truncates long parameter values, so the full YAML is an artifact too; the module's
-    hyper-parameters are logged as parameters by Lightning itself.
+    MLflow truncates long parameter values, so the full YAML is an artifact too; the module's and the
+    data module's hyper-parameters are logged as parameters by Lightning itself.
     """
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
@@ -62,7 +62,3 @@ class RunConfigSaver(SaveConfigCallback):
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(path))
-            data = self.config.get("data")
-            if data is not None:
-                logger.log_hyperparams({f"data.{k}": v for k, v in vars(data).items()
-                                        if not isinstance(v, (dict, list)) or len(str(v)) < 200})

@@ -107,6 +107,7 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     history = client.get_metric_history(run.info.run_id, "train/diffusion")
     assert max(m.step for m in history) >= 35
     assert run.data.params["exits"] == "[2]" and run.data.params["name"] == "SiT-T/2"
+    assert run.data.params["root"] == str(digits_root)  # the data module's fields are logged too
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "samples.png"} <= artifacts
 

@@ -11,7 +11,7 @@ from igdit.samplers import euler_ode
 class AffineBackbone(torch.nn.Module):
     """final = a_y * x, exit(2) = b_y * x for label y (null label 2): every output is known in closed form."""
 
-    num_classes = 2
+    num_classes, in_channels, input_size = 2, 1, 1
     exit_indices = (2,)
 
     def __init__(self):
@@ -90,3 +90,25 @@ def test_bad_guidance_values():
     no_exit.exit_indices = ()
     with pytest.raises(ValueError, match=r"exits \[\]"):
         Denoiser(no_exit, ig=GuidanceRule(2.0))
+
+
+def test_autoguidance_inside_each_branch_before_cfg():
+    main, guide = AffineBackbone(), AffineBackbone()
+    guide.a = torch.tensor([0.5, 1.5, 0.4])
+    x, y = torch.ones(1, 1, 1, 1), torch.tensor([1])
+    w_ag, s = 2.0, 3.0
+    den = Denoiser(main, cfg=GuidanceRule(s), autoguidance=GuidanceRule(w_ag), guide=guide)
+    v = den(x, 0.5, y).item()
+    cond = 1.5 + w_ag * (2.0 - 1.5)
+    uncond = 0.4 + w_ag * (0.5 - 0.4)
+    assert v == pytest.approx(uncond + s * (cond - uncond))
+    assert den.network_passes == 2 and den.network_rows == 4
+
+
+def test_autoguidance_refuses_a_guide_of_another_shape():
+    main, guide = AffineBackbone(), AffineBackbone()
+    guide.num_classes = 3
+    with pytest.raises(ConfigError, match="guidance.autoguidance.num_classes"):
+        Denoiser(main, autoguidance=GuidanceRule(2.0), guide=guide)
+    with pytest.raises(ConfigError, match="needs a guide"):
+        Denoiser(main, autoguidance=GuidanceRule(2.0))

@@ -147,6 +147,9 @@ def main(argv: list[str]) -> int:
             if args.device.startswith("cuda"):
                 args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         module = load_module(args.ckpt, device=args.device)
+        if module.data_meta is None:
+            raise ConfigError("--ckpt", args.ckpt, "carries no shard meta.json (encoder and normaliser), so its "
+                              "latents cannot be decoded to images; train it with igdit or import it with its data's meta")
         guide = load_module(args.ag_ckpt, "--ag.ckpt", args.device).backbone if args.ag_ckpt else None
         denoiser = Denoiser(module.backbone, ig=ig, cfg=cfg, autoguidance=ag, guide=guide, ig_exit=args.ig_exit)
         labels = class_labels(args.num, module.num_classes, args.labels, args.seed)

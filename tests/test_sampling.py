@@ -21,9 +21,13 @@ def _module(exits=(2,), seed=0):
     return module.eval()
 
 
-def _save(module, path):
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
+def _save(module, path, meta=True):
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": lightning.__version__}
+    if meta:  # what a trained checkpoint carries: the shards' meta.json (identity encoder for digits)
+        checkpoint["igdit_data_meta"] = {"encoder": {"name": "identity"},
+                                         "normalizer": {"shift": [0.0], "scale": [1.0]}}
+    torch.save(checkpoint, path)
     return str(path)
 
 
@@ -94,6 +98,13 @@ def test_bad_sampling_input_is_one_line_before_sampling(extra, field, tmp_path, 
     assert main(["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--num", "4", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and field in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_without_data_meta_is_refused_before_sampling(tmp_path, capsys):
+    ckpt = _save(_module(), tmp_path / "m.ckpt", meta=False)
+    assert main(["--ckpt", ckpt, "--out", str(tmp_path / "o")]) == 2
+    assert "cannot be decoded" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -68,6 +68,46 @@ def exit_head_overhead(config: str, rounds: int = 40, steps: int = 2) -> dict:
     }
 
 
+def sampling_cost(config: str, rounds: int = 5, steps: int = 50, batch: int = 100) -> dict:
+    """Euler sampling on the default model: NFE, network rows and wall time of each guidance setting,
+    interleaved over rounds; ratios against the unguided run (median over rounds)."""
+    import yaml
+
+    from igdit.guidance import Denoiser, GuidanceRule
+    from igdit.module import IGDiTModule
+    from igdit.samplers import euler_ode
+
+    model_args = yaml.safe_load(Path(config).read_text())["model"]
+    torch.manual_seed(0)
+    module = IGDiTModule(**model_args).eval()
+    with torch.no_grad():
+        for p in module.backbone.parameters():  # cost does not depend on the values; avoid all-zero heads
+            p.add_(0.02 * torch.randn_like(p))
+    settings = {
+        "none": {},
+        "ig w=2 on [0,1]": {"ig": GuidanceRule(2.0)},
+        "cfg 1.5 on [0,1]": {"cfg": GuidanceRule(1.5)},
+        "cfg 1.5 on [0,0.7]": {"cfg": GuidanceRule(1.5, (0.0, 0.7))},
+        "ig 2 + cfg 1.5 on [0,0.7]": {"ig": GuidanceRule(2.0), "cfg": GuidanceRule(1.5, (0.0, 0.7))},
+    }
+    noise = torch.randn(batch, *module.latent_shape)
+    labels = torch.randint(0, module.num_classes, (batch,))
+    times = {k: [] for k in settings}
+    counts = {}
+    for _ in range(rounds):
+        for name, rules in settings.items():
+            denoiser = Denoiser(module.backbone, **rules)
+            start = time.perf_counter()
+            _, nfe = euler_ode(denoiser, noise, labels, steps=steps)
+            times[name].append(time.perf_counter() - start)
+            counts[name] = (nfe, denoiser.network_rows / (nfe * batch))
+    base = times["none"]
+    return {name: {"nfe": counts[name][0], "rows_ratio": counts[name][1],
+                   "seconds": statistics.median(times[name]),
+                   "time_ratio": statistics.median(a / b for a, b in zip(times[name], base))}
+            for name in settings} | {"_steps": steps, "_batch": batch, "_rounds": rounds}
+
+
 def default_run(config: str, extra: list[str]) -> dict:
     """Run `igdit fit` as a user would (own process) into a scratch MLflow store; wall time, peak RSS."""
     from mlflow.tracking import MlflowClient
@@ -107,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     overhead = exit_head_overhead(args.config)
+    sampling = sampling_cost(args.config)
     run = None if args.skip_run else default_run(args.config, extra)
     lines = [f"# Benchmarks\n", f"Measured {time.strftime('%Y-%m-%d')} on {machine} by `make bench` "
              f"(`python -m igdit.bench`), config `{args.config}`.\n",
@@ -120,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
              f"(rounds: min {min(overhead['ratios']):.3f}, max {max(overhead['ratios']):.3f}).",
              f"Forward + backward FLOPs (counted on the meta device): {overhead['flops_with_exit']:,} vs "
              f"{overhead['flops_without_exit']:,}, ratio **{overhead['flops_ratio']:.5f}**.\n"]
+    lines += ["## Sampling cost (targets: IG adds no forward pass and <= 3% time; CFG on an interval costs "
+              "1 + the fraction of steps inside it)\n",
+              f"Euler, {sampling['_steps']} steps, batch {sampling['_batch']}, default model, "
+              f"{sampling['_rounds']} interleaved rounds; ratios against no guidance (median over rounds).\n",
+              "| guidance | NFE | network rows / (NFE x batch) | median time (s) | time ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['nfe']} | {r['rows_ratio']:.2f} | {r['seconds']:.2f} | {r['time_ratio']:.3f} |"
+              for name, r in sampling.items() if not name.startswith("_")]
+    lines += [""]
     if run is not None:
         lines += ["## Default run (targets: training <= 8 min on 2 CPU cores, peak memory < 4 GiB)\n",
                   "| measure | value |", "|---|---|",
@@ -131,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                   ""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(json.dumps({"exit_head": overhead, "default_run": run}, indent=1, default=str))
+    print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run}, indent=1, default=str))
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Lightning callbacks: the end-of-run sample grid and training throughput."""
+"""Lightning callbacks: the end-of-run sample grid, training throughput and the periodic Fréchet distance."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 
-from igdit.config import check_number
+from igdit.config import ConfigError, check_choice, check_number
 from igdit.guidance import Denoiser, GuidanceRule
 from igdit.images import image_grid, save_png, to_uint8
 from igdit.samplers import euler_ode
@@ -95,3 +96,176 @@ class SampleGrid(pl.Callback):
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(self.path))
+
+
+class FIDCallback(pl.Callback):
+    """Fréchet distance of generated samples, computed inside validation passes on the EMA weights.
+
+    In each validation pass at least ``every_n_steps`` optimizer steps after the previous evaluation (every
+    pass when None; always under ``igdit validate``/``igdit eval``), every rank generates its share of
+    ``num_samples`` images per named guidance setting with ``sampler``/``steps``, streams them through one
+    torchmetrics metric and logs ``<metric>/<setting>`` (``fd_digits`` on the digits network, ``fid`` on
+    Inception, plus ``is/<setting>``), and a grid of the samples to MLflow. ModelCheckpoint can monitor any
+    of those names. EMAWeightAveraging swaps the averaged weights in for validation; this callback scores
+    them whatever the order of the two in ``trainer.callbacks``, and records which weights it scored.
+
+    settings: {name: {ig: {scale, interval}, cfg: {scale, interval}}} (t = 1 is noise, intervals inclusive).
+    feature: "digits" (the network `igdit data build` trains beside the digits shards) or "inception".
+    reference: "train" or "val" (the shards, decoded; statistics cached under <root>/fid_refs/) or an .npz
+        with mu and sigma (e.g. the ADM suite's reference batch); reference_max_samples caps a split.
+    labels: "balanced" (num_samples / classes each) or "random".
+    """
+
+    def __init__(self, settings: Optional[dict] = None, num_samples: int = 10_000, every_n_steps: Optional[int] = None,
+                 sampler: str = "euler", steps: int = 50, labels: str = "balanced", feature: str = "inception",
+                 reference: str = "train", reference_max_samples: Optional[int] = 50_000, cache_reference: bool = True,
+                 inception_weights: Optional[str] = None, allow_download: bool = False, inception_score: bool = True,
+                 batch_size: int = 250, seed: int = 0, grid_size: int = 100):
+        from igdit.guidance import parse_guidance_settings
+        from igdit.metrics.evaluate import check_reference
+        from igdit.metrics.features import FEATURE_KINDS, METRIC_NAMES
+        from igdit.samplers import SAMPLERS
+        from igdit.sampling import LABEL_MODES
+
+        f = "FIDCallback"
+        self.settings = parse_guidance_settings({"none": {}} if settings is None else settings, f"{f}.settings")
+        self.num_samples = check_number(f"{f}.num_samples", num_samples, low=2, integer=True)
+        if every_n_steps is not None:
+            check_number(f"{f}.every_n_steps", every_n_steps, low=1, integer=True)
+        self.every_n_steps = every_n_steps
+        self.sampler = check_choice(f"{f}.sampler", sampler, SAMPLERS)
+        self.steps = check_number(f"{f}.steps", steps, low=2 if sampler == "sde" else 1, integer=True)
+        self.labels = check_choice(f"{f}.labels", labels, LABEL_MODES)
+        self.feature = check_choice(f"{f}.feature", feature, FEATURE_KINDS)
+        self.metric_name = METRIC_NAMES[feature]
+        self.reference = check_reference(reference, f"{f}.reference")
+        if reference_max_samples is not None:
+            check_number(f"{f}.reference_max_samples", reference_max_samples, low=2, integer=True)
+        self.reference_max_samples, self.cache_reference = reference_max_samples, cache_reference
+        self.inception_weights, self.allow_download, self.inception_score = inception_weights, allow_download, inception_score
+        self.batch_size = check_number(f"{f}.batch_size", batch_size, low=1, integer=True)
+        self.seed = check_number(f"{f}.seed", seed, low=0, integer=True)
+        self.grid_size = check_number(f"{f}.grid_size", grid_size, low=0, integer=True)
+        self.evaluator = None
+        self.last_eval_step: Optional[int] = None
+        self.last_results: dict[str, dict] = {}
+        self.scored_weights: Optional[str] = None
+
+    # ---- checks and reference, before any training step --------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        from igdit.metrics.evaluate import FrechetEvaluator
+        from igdit.metrics.fid import ReferenceStats, warn_if_singular
+
+        f = "FIDCallback"
+        exits = list(getattr(pl_module.backbone, "exit_indices", ()))
+        for name, setting in self.settings.items():
+            if setting.ig.scale != 1.0 and not exits:
+                raise ConfigError(f"{f}.settings.{name}.ig.scale", setting.ig.scale,
+                                  "needs an exit head and model.exits is empty (scale 1 turns IG off)")
+        if self.labels == "balanced" and self.num_samples % pl_module.num_classes:
+            raise ConfigError(f"{f}.num_samples", self.num_samples,
+                              f"labels: balanced needs a multiple of the {pl_module.num_classes} classes")
+        self._check_monitors(trainer)
+        datamodule = trainer.datamodule
+        root = getattr(datamodule, "root", None)
+        self.evaluator = FrechetEvaluator(self.feature, root, self.inception_weights, self.allow_download,
+                                          self.inception_score, f"{f}.feature", f"{f}.inception_weights",
+                                          ).to(trainer.strategy.root_device)
+        warn_if_singular(self.num_samples, self.evaluator.num_features, f"{f}.num_samples")
+        if self.reference.endswith(".npz"):
+            self.evaluator.use_reference(ReferenceStats.load(self.reference, self.evaluator.num_features,
+                                                             self.feature, f"{f}.reference"))
+        else:
+            if not hasattr(datamodule, "latent_batches"):
+                raise ConfigError(f"{f}.reference", self.reference, "needs igdit's LatentDataModule; pass an .npz")
+            self.evaluator.reference_from_data(datamodule, self.reference, self.batch_size,
+                                               self.reference_max_samples, self.cache_reference)
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams({
+                "fid/metric": self.metric_name, "fid/num_samples": self.num_samples, "fid/sampler": self.sampler,
+                "fid/steps": self.steps, "fid/labels": self.labels, "fid/reference": self.reference,
+                "fid/reference_samples": self.evaluator.reference.n, "fid/seed": self.seed,
+                "fid/settings": json.dumps({k: v.describe() for k, v in self.settings.items()})})
+
+    def _check_monitors(self, trainer) -> None:
+        from igdit.metrics.features import METRIC_NAMES
+
+        ours = {f"{self.metric_name}/{name}" for name in self.settings}
+        if self.feature == "inception" and self.inception_score:
+            ours |= {f"is/{name}" for name in self.settings}
+        for checkpoint in trainer.checkpoint_callbacks:
+            monitor = getattr(checkpoint, "monitor", None) or ""
+            if monitor.split("/")[0] in (*METRIC_NAMES.values(), "is") and monitor not in ours:
+                raise ConfigError("ModelCheckpoint.monitor", monitor, "FIDCallback logs " + ", ".join(sorted(ours)))
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    def _due(self, trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != "fit" or self.every_n_steps is None:
+            return True
+        since = trainer.global_step - (self.last_eval_step or 0)
+        return since >= self.every_n_steps
+
+    def _scored_module(self, trainer, pl_module):
+        """The module holding the EMA weights right now, and a name for them."""
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        if trainer.state.fn != "fit":
+            return pl_module, "checkpoint"
+        for averaging in trainer.callbacks:
+            if isinstance(averaging, WeightAveraging) and averaging._average_model is not None:
+                # The averaging callback swaps the EMA weights in at validation start and out again in its own
+                # on_validation_epoch_end: if that already ran, the averaged copy holds the EMA weights.
+                if trainer.callbacks.index(averaging) < trainer.callbacks.index(self):
+                    module = averaging._average_model.module
+                    module.data_meta = pl_module.data_meta
+                    return module, "ema"
+                return pl_module, "ema"
+        return pl_module, "raw"
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.evaluator is None or not self._due(trainer):
+            return
+        from igdit.metrics.evaluate import evaluate_settings
+
+        module, weights = self._scored_module(trainer, pl_module)
+        if weights != self.scored_weights and trainer.logger is not None:
+            trainer.logger.log_hyperparams({"fid/weights": weights})
+        self.scored_weights = weights
+        with trainer.precision_plugin.forward_context():
+            results, grids = evaluate_settings(module, self.settings, self.evaluator, self.num_samples, self.sampler,
+                                               self.steps, self.labels, self.seed, self.batch_size, self.grid_size)
+        self.last_eval_step, self.last_results = trainer.global_step, results
+        pl_module.log("eval/seconds", sum(r["seconds"] for r in results.values()), sync_dist=False)
+        for name, result in results.items():
+            pl_module.log(f"{self.metric_name}/{name}", result["fd"], sync_dist=False)
+            if "is" in result:
+                pl_module.log(f"is/{name}", result["is"], sync_dist=False)
+        if trainer.is_global_zero and self.grid_size:
+            self._save_grids(trainer, grids)
+
+    def _save_grids(self, trainer, grids: dict[str, torch.Tensor]) -> None:
+        columns = 10
+        for name, images in grids.items():
+            rows = len(images) // columns
+            if not rows:
+                continue
+            block = images[: rows * columns].reshape(rows, columns, *images.shape[1:])
+            upscale = max(1, 64 // images.shape[-1])
+            path = run_directory(trainer) / "fid" / f"step{trainer.global_step:08d}-{name}.png"
+            if path.exists():  # an earlier evaluation of this step (e.g. igdit eval twice): keep it
+                continue
+            save_png(image_grid([block], upscale=upscale), path)
+            logger = trainer.logger
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="fid")
+
+    def state_dict(self) -> dict:
+        return {"last_eval_step": self.last_eval_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_eval_step = state_dict.get("last_eval_step")

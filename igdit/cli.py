@@ -3,6 +3,7 @@
     igdit fit|validate --config experiments/<x>.yaml [--dotted.overrides ...]   (LightningCLI)
     igdit data build <source> <out_dir>                                          (igdit.data.cli)
     igdit sample --ckpt <file> --sampler sde --ig.scale 1.4 ...                 (igdit.sampling)
+    igdit eval --ckpt <file> --config <x>.yaml | --npz samples.npz --ref <data folder or .npz>  (igdit.metrics.cli)
     igdit import-ckpt --from official-sit <file.pt> --model SiT-XL/2 --exit 8 --out <ckpt>  (igdit.checkpoints)
 
 Any config field can be overridden on the command line with its dotted path, e.g.
@@ -31,14 +32,15 @@ class IGDiTCLI(LightningCLI):
         # Shapes first: a mismatch must stop before anything (an MLflow run included) is created.
         self.datamodule.check_model(self.model.latent_shape, self.model.num_classes)
         trainer = self.trainer
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.dirpath is None:
-            # Each run gets its own folder, so no run can overwrite another run's checkpoints.
-            checkpoint.dirpath = str(run_directory(trainer) / "checkpoints")
-        if checkpoint is not None and Path(checkpoint.dirpath).is_dir() and any(Path(checkpoint.dirpath).iterdir()) \
-                and self.config_init[self.subcommand].get("ckpt_path") is None:
-            raise ConfigError("ModelCheckpoint.dirpath", checkpoint.dirpath,
-                              "already holds checkpoints of another run; choose an empty folder (nothing is deleted)")
+        resuming = self.config_init[self.subcommand].get("ckpt_path") is not None
+        for checkpoint in trainer.checkpoint_callbacks:
+            if checkpoint.dirpath is None:
+                # Each run gets its own folder, so no run can overwrite another run's checkpoints.
+                checkpoint.dirpath = str(run_directory(trainer) / "checkpoints")
+            folder = Path(checkpoint.dirpath)
+            if not resuming and folder.is_dir() and any(folder.iterdir()):
+                raise ConfigError("ModelCheckpoint.dirpath", checkpoint.dirpath, "already holds checkpoints of "
+                                  "another run; choose an empty folder (nothing is deleted)")
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
@@ -58,6 +60,9 @@ def run_summary(trainer) -> str:
     if losses:
         lines.append("final losses    " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         lines.append("                (val/* are scored with the EMA weights when EMAWeightAveraging is on)")
+    scores = {k: v for k, v in sorted(metrics.items()) if k.split("/")[0] in ("fd_digits", "fid", "is")}
+    if scores:
+        lines.append("sample quality  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     logged = trainer.logged_metrics
     if "train/time" in logged and "train/samples" in logged:  # from ThroughputMonitor; validation excluded
         seconds, samples = float(logged["train/time"]), float(logged["train/samples"])
@@ -91,6 +96,8 @@ def _plain_command(name: str):
         from igdit.data.cli import main as command
     elif name == "sample":
         from igdit.sampling import main as command
+    elif name == "eval":
+        from igdit.metrics.cli import main as command
     else:
         from igdit.checkpoints import main as command
     return command
@@ -99,7 +106,7 @@ def _plain_command(name: str):
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args[:1] in (["data"], ["sample"], ["import-ckpt"]):
+        if args[:1] in (["data"], ["sample"], ["eval"], ["import-ckpt"]):
             return _plain_command(args[0])(args[1:])
         run_lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
     except (ConfigError, ArgumentError) as err:

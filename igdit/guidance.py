@@ -16,7 +16,9 @@ only inside the Autoguidance interval, and the batch is doubled only inside the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -116,3 +118,50 @@ class Denoiser:
             v_cond, v_uncond = v.chunk(2)
             v = classifier_free_guidance(v_cond, v_uncond, self.cfg.scale)
         return v
+
+
+SETTING_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # what MLflow accepts inside a metric name
+SETTING_RULES = ("ig", "cfg")
+
+
+@dataclass
+class GuidanceSetting:
+    """A named guidance configuration to evaluate, e.g. ``ig: {scale: 1.4}, cfg: {scale: 1.35, interval: [0, 0.7]}``."""
+
+    ig: GuidanceRule = field(default_factory=GuidanceRule)
+    cfg: GuidanceRule = field(default_factory=GuidanceRule)
+
+    def denoiser(self, backbone, ig_exit: int | None = None) -> Denoiser:
+        return Denoiser(backbone, ig=self.ig, cfg=self.cfg, ig_exit=ig_exit)
+
+    def describe(self) -> dict:
+        """Plain values for logs: {"ig": {"scale": w, "interval": [lo, hi]}, "cfg": {...}}."""
+        return {name: {"scale": rule.scale, "interval": list(rule.interval)}
+                for name, rule in (("ig", self.ig), ("cfg", self.cfg))}
+
+
+def parse_guidance_settings(settings: Any, field: str) -> dict[str, GuidanceSetting]:
+    """Validate ``{name: {"ig": {"scale", "interval"}, "cfg": {...}}}`` (omitted rules are off).
+
+    Names become metric names (``fd_digits/<name>``), so they may hold letters, digits, ``_ . -`` only.
+    """
+    if not isinstance(settings, dict) or not settings:
+        raise ConfigError(field, settings, "expected a mapping of setting names to {ig: {...}, cfg: {...}}, "
+                                           "e.g. {none: {}, ig: {ig: {scale: 2.0}}}")
+    parsed = {}
+    for name, rules in settings.items():
+        if not isinstance(name, str) or not SETTING_NAME.match(name):
+            raise ConfigError(field, name, "setting names may hold letters, digits, '_', '.' and '-' only "
+                                           "(they become MLflow metric names)")
+        rules = {} if rules is None else rules
+        if not isinstance(rules, dict) or set(rules) - set(SETTING_RULES):
+            raise ConfigError(f"{field}.{name}", rules, "expected a mapping with the keys ig and/or cfg")
+        built = {}
+        for rule in SETTING_RULES:
+            spec = rules.get(rule) or {}
+            if not isinstance(spec, dict) or set(spec) - {"scale", "interval"}:
+                raise ConfigError(f"{field}.{name}.{rule}", spec, "expected {scale: <number>, interval: [low, high]}")
+            built[rule] = GuidanceRule(spec.get("scale", 1.0), spec.get("interval", (0.0, 1.0))).validate(
+                f"{field}.{name}.{rule}")
+        parsed[name] = GuidanceSetting(**built)
+    return parsed

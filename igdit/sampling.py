@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,10 +63,13 @@ def to_nhwc_rgb(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate(module, denoiser: Denoiser, sampler: str, steps: int, indices: list[int], labels: torch.Tensor,
-             seed: int, batch_size: int, progress: bool = True) -> tuple[np.ndarray, int]:
-    """Generate the samples `indices` (labels: the labels of those indices). Returns (N x H x W x 3 uint8, NFE
-    of one batch)."""
+def image_batches(module, denoiser: Denoiser, sampler: str, steps: int, indices: list[int], labels: torch.Tensor,
+                  seed: int, batch_size: int, progress: bool = True) -> Iterator[tuple[torch.Tensor, int]]:
+    """Generate the samples `indices` (labels: theirs, (len(indices),)) batch by batch.
+
+    Yields (uint8 images (B, C, H, W) on the model's device, decoded with the module's shard metadata, NFE
+    per sample of that batch). Only one batch is held at a time, so callers can stream thousands of images.
+    """
     from tqdm import tqdm
 
     from igdit.callbacks import decode_latents
@@ -73,7 +77,6 @@ def generate(module, denoiser: Denoiser, sampler: str, steps: int, indices: list
 
     device = next(module.backbone.parameters()).device
     dtype = next(module.backbone.parameters()).dtype
-    chunks, nfe = [], 0
     starts = range(0, len(indices), batch_size)
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
         batch_indices = indices[start:start + batch_size]
@@ -81,7 +84,16 @@ def generate(module, denoiser: Denoiser, sampler: str, steps: int, indices: list
         x1 = noise()
         x0, nfe = run_sampler(sampler, denoiser, module.transport, x1, labels[start:start + batch_size].to(device),
                               steps, model_dtype=dtype, step_noise=noise)
-        chunks.append(to_nhwc_rgb(to_uint8(decode_latents(x0.float().cpu(), module.data_meta))))
+        yield to_uint8(decode_latents(x0.float(), module.data_meta)), nfe
+
+
+def generate(module, denoiser: Denoiser, sampler: str, steps: int, indices: list[int], labels: torch.Tensor,
+             seed: int, batch_size: int, progress: bool = True) -> tuple[np.ndarray, int]:
+    """Generate the samples `indices` (labels: the labels of those indices). Returns (N x H x W x 3 uint8, NFE
+    of one batch)."""
+    chunks, nfe = [], 0
+    for images, nfe in image_batches(module, denoiser, sampler, steps, indices, labels, seed, batch_size, progress):
+        chunks.append(to_nhwc_rgb(images.cpu()))
     return np.concatenate(chunks), nfe
 
 

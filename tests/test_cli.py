@@ -76,10 +76,12 @@ def _short_config(tmp_path: Path) -> Path:
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("EMAWeightAveraging"):
             cb["init_args"].update(decay=0.9, update_starting_at_step=0)
-        if cb["class_path"].endswith("ModelCheckpoint"):
+        if cb["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in cb["init_args"]:
             cb["init_args"]["every_n_train_steps"] = 20
         if cb["class_path"].endswith("SampleGrid"):
             cb["init_args"].update(samples_per_class=2, steps=8)
+        if cb["class_path"].endswith("FIDCallback"):
+            cb["init_args"].update(every_n_steps=20, num_samples=100, steps=4)
     path = tmp_path / "short.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -109,7 +111,18 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     assert run.data.params["exits"] == "[2]" and run.data.params["name"] == "SiT-T/2"
     assert run.data.params["root"] == str(digits_root)  # the data module's fields are logged too
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "samples.png"} <= artifacts
+    assert {"config.yaml", "samples.png", "fid"} <= artifacts
+
+    # FIDCallback: every 20 steps, each guidance setting, on the EMA weights, with grids and a best checkpoint.
+    settings = ("none", "ig", "cfg", "ig_cfg")
+    for name in settings:
+        history = client.get_metric_history(run.info.run_id, f"fd_digits/{name}")
+        assert [m.step for m in history] == [19, 39] and all(0 < m.value < 1000 for m in history)
+    assert run.data.params["fid/weights"] == "ema" and run.data.params["fid/metric"] == "fd_digits"
+    assert run.data.params["fid/num_samples"] == "100" and run.data.params["fid/steps"] == "4"
+    grids = {a.path for a in client.list_artifacts(run.info.run_id, "fid")}
+    assert {f"fid/step{s:08d}-{n}.png" for s in (20, 40) for n in settings} == grids
+    assert "sample quality  fd_digits/cfg" in out
 
     run_dir = tmp_path / "runs" / "igdit-digits" / run.info.run_id
     grid = Image.open(run_dir / "samples.png")
@@ -129,9 +142,25 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     out = reloaded.backbone(x, torch.tensor([0.5, 0.5]), y, exits=[2])
     assert out.final.abs().sum() > 0 and out.exits[2].abs().sum() > 0  # trained, no longer zero-init
 
+    best = list((run_dir / "checkpoints").glob("best-fd_digits-ig-step=*.ckpt"))
+    assert len(best) == 1
+
+    # Offline evaluation of the last checkpoint reproduces the value the callback logged at step 40:
+    # the callback scored the EMA weights, and `igdit eval` is the same code path.
+    capsys.readouterr()
+    eval_args = ["eval", "--ckpt", str(ckpt_path), "--config", args[2], *args[3:]]
+    assert main(eval_args) == 0
+    printed = {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("fd_digits/")}
+    logged = {f"fd_digits/{n}": client.get_metric_history(run.info.run_id, f"fd_digits/{n}")[-1].value
+              for n in settings}
+    assert printed.keys() == logged.keys()
+    for key in logged:
+        assert printed[key] == pytest.approx(logged[key], rel=1e-3), key
+
     # A second run never touches the first run's files.
     digest = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
     assert main(args) == 0
     runs = client.search_runs([client.get_experiment_by_name("igdit-digits").experiment_id])
-    assert len(runs) == 2 and len({r.info.run_id for r in runs}) == 2
+    assert len(runs) == 3 and len({r.info.run_id for r in runs}) == 3  # fit, eval, fit
     assert hashlib.sha256(ckpt_path.read_bytes()).hexdigest() == digest

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of each class held out for validation (default 0.1)")
     build.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    build.add_argument("--feature-net", action=argparse.BooleanOptionalAction, default=None,
+                       help="train the small classifier whose features give the fd_digits metric, beside the "
+                            "shards (default: on for digits)")
     return parser
 
 
@@ -42,6 +45,10 @@ def _summary(meta: dict, out_dir: str, seconds: float) -> str:
     lines.append(f"  images {size}; latents {c}x{h}x{w} {meta['dtype']}, encoder {meta['encoder']['name']}, "
                  f"{meta['num_classes']} classes")
     lines.append(f"  normalizer shift {norm['shift']} scale {norm['scale']}")
+    if meta.get("feature_net"):
+        net = meta["feature_net"]
+        lines.append(f"  fd_digits feature network {Path(out_dir) / net['file']}: held-out accuracy "
+                     f"{net['val_accuracy']:.3f} ({net['num_features']} features)")
     lines.append(f"  meta   {Path(out_dir) / META_FILE}")
     lines.append(f"train on it with --data.root {out_dir} (model.input_size {h}, model.in_channels {c}, "
                  f"model.num_classes {meta['num_classes']})")
@@ -56,7 +63,7 @@ def main(argv: list[str]) -> int:
             start = time.perf_counter()
             meta = build_dataset(args.source, args.out_dir, encoder=args.encoder, resolution=args.resolution,
                                  samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
-                                 seed=args.seed)
+                                 seed=args.seed, feature_net=args.feature_net)
             print(_summary(meta, args.out_dir, time.perf_counter() - start))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

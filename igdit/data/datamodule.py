@@ -288,6 +288,16 @@ class LatentDataModule(pl.LightningDataModule):
             wds.batched(self.val_batch_size or self.per_device_batch_size, partial=True),
         )
 
+    def latent_batches(self, split: str, batch_size: int, rank: int = 0, world_size: int = 1):
+        """One ordered pass over a rank's share of a split (shards rank, rank + world_size, ...), in this
+        process: (x (B, c, h, w), y (B,)) batches, the last one partial. The ranks' shares are disjoint
+        and together cover the split exactly once (reference statistics for the Fréchet distance)."""
+        urls = (self.train_urls if split == "train" else self.val_urls)[rank::world_size]
+        if not urls:  # more ranks than shards: this rank has nothing to read
+            return iter(())
+        return wds.DataPipeline(wds.SimpleShardList(urls), *self._decode_stages(with_keys=False),
+                                wds.batched(batch_size, partial=True))
+
     def _loader(self, dataset) -> DataLoader:
         # batch_size=None: the pipeline already batches.
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,

@@ -69,17 +69,36 @@ def _split(labels: torch.Tensor, num_classes: int, val_fraction: float, seed: in
     return train, val
 
 
+def _to_unit(images: torch.Tensor, side: Optional[int]) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> float32 in [-1, 1], upsampled to side x side first if given."""
+    x = images_to_unit(images)
+    if side is not None and tuple(x.shape[-2:]) != (side, side):
+        # Bilinear of values in [-1, 1] stays in [-1, 1] (convex combinations of neighbours).
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    return x
+
+
 @torch.no_grad()
 def _encode(images: torch.Tensor, encoder: LatentEncoder, side: Optional[int], batch: int = 512) -> torch.Tensor:
     """(N, C, H, W) uint8 -> (N, c, h, w) float32 encoder latents, upsampled to side x side first if given."""
-    out = []
-    for chunk in images.split(batch):
-        x = images_to_unit(chunk)
-        if side is not None and tuple(x.shape[-2:]) != (side, side):
-            # Bilinear of values in [-1, 1] stays in [-1, 1] (convex combinations of neighbours).
-            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-        out.append(encoder.encode(x).float())
-    return torch.cat(out)
+    return torch.cat([encoder.encode(_to_unit(chunk, side)).float() for chunk in images.split(batch)])
+
+
+def _train_feature_net(out: Path, data, train_rows: np.ndarray, val_rows: np.ndarray, side: Optional[int],
+                       num_classes: int, seed: int) -> dict:
+    """Train the domain feature network behind ``fd_digits`` on the training split's images (as the shards
+    store them: upsampled when asked), measure it on the validation split, write it beside the shards."""
+    from igdit.images import to_uint8
+    from igdit.metrics.features import DIGITS_NET_FILE, save_digits_feature_net, train_digits_feature_net
+
+    images = {split: to_uint8(_to_unit(data.images[rows], side)) for split, rows in (("train", train_rows),
+                                                                                    ("val", val_rows))}
+    net, info = train_digits_feature_net(images["train"], data.labels[train_rows], images["val"],
+                                         data.labels[val_rows], num_classes, seed=seed)
+    save_digits_feature_net(net, out / DIGITS_NET_FILE, info)
+    return {"file": DIGITS_NET_FILE, "metric": "fd_digits", "network": "DigitsFeatureNet (small CNN, penultimate "
+            "layer)", "num_features": net.num_features, "trained_on": "train split", "accuracy_on": "val split",
+            **info}
 
 
 def _write_split(out: Path, split: str, rows: np.ndarray, latents: torch.Tensor, labels: torch.Tensor,
@@ -97,12 +116,14 @@ def _write_split(out: Path, split: str, rows: np.ndarray, latents: torch.Tensor,
 
 def build_dataset(source: str, out_dir, encoder: str = "identity", resolution: Optional[int] = None,
                   samples_per_shard: int = 100, val_fraction: float = 0.1, seed: int = 0,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, feature_net: Optional[bool] = None) -> dict:
     """Encode a source into train/val WebDataset shards under ``out_dir`` and return the meta.json dict.
 
     source: ``digits`` (or ``name:arg`` for sources that take one); encoder: a key of ``ENCODERS``;
     resolution: upsample images to resolution x resolution (bilinear) before encoding, None keeps them;
-    val_fraction: share of each class held out for validation (stratified, seeded by ``seed``).
+    val_fraction: share of each class held out for validation (stratified, seeded by ``seed``);
+    feature_net: train the domain feature network of the ``fd_digits`` metric beside the shards (default:
+    for the digits source only; its held-out accuracy goes into meta.json).
     Refuses (ConfigError on ``out_dir``) a folder that already holds meta.json or .tar files.
     """
     parse_source(source)
@@ -136,6 +157,10 @@ def build_dataset(source: str, out_dir, encoder: str = "identity", resolution: O
         num_shards[split] = _write_split(out, split, rows, normalizer.normalize(latents[split]),
                                          data.labels[rows], int(samples_per_shard), progress)
 
+    if feature_net is None:
+        feature_net = parse_source(source)[0] == "digits"
+    feature_info = _train_feature_net(out, data, train_rows, val_rows, side, num_classes, seed) if feature_net else None
+
     meta = {
         "format_version": FORMAT_VERSION,
         "source": source,
@@ -159,6 +184,7 @@ def build_dataset(source: str, out_dir, encoder: str = "identity", resolution: O
         "val_fraction": float(val_fraction),
         "seed": int(seed),
         "igdit_version": _igdit_version(),
+        "feature_net": feature_info,
     }
     # meta.json last, and atomically: a folder without it is an unfinished build.
     tmp = out / (META_FILE + ".tmp")

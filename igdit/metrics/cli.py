@@ -1,0 +1,118 @@
+"""`igdit eval`: the training-time Fréchet distance, offline.
+
+    igdit eval --ckpt runs/<exp>/<run>/checkpoints/last.ckpt --config experiments/default.yaml [--x.y value ...]
+        runs `igdit validate` on the checkpoint with the config's FIDCallback (same settings, same code path
+        as during training; the result is logged to MLflow as a new run) and prints the numbers;
+    igdit eval --npz samples.npz --ref data/digits [--split train] [--feature digits]
+    igdit eval --npz samples.npz --ref VIRTUAL_imagenet256_labeled.npz --feature inception
+        scores an existing sample file (ADM layout: arr_0 N x H x W x 3 uint8) against a data folder's split
+        (decoded from its shards) or a reference .npz holding mu and sigma.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from jsonargparse import ArgumentError
+
+from igdit.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="igdit eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="igdit checkpoint to evaluate with the config's FIDCallback")
+    p.add_argument("--config", help="experiment YAML whose trainer.callbacks hold an igdit.callbacks.FIDCallback")
+    p.add_argument("--npz", help="sample file to score (arr_0: N x H x W x 3 uint8)")
+    p.add_argument("--ref", help="data folder (its shards, decoded) or reference .npz with mu and sigma")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="split of a data folder --ref")
+    p.add_argument("--feature", default=None, choices=("digits", "inception"),
+                   help="feature network (default: digits when the data folder has fd_digits.pt, else inception)")
+    p.add_argument("--inception-weights", default=None, help="FID-Inception weights file (default: torch.hub cache)")
+    p.add_argument("--batch-size", type=int, default=250)
+    return p
+
+
+def load_sample_file(path: str, field: str = "--npz") -> torch.Tensor:
+    """An ADM-layout sample file -> uint8 (N, 3, H, W)."""
+    if not Path(path).is_file():
+        raise ConfigError(field, path, "is not a file; pass a sample .npz written by `igdit sample`")
+    try:
+        images = np.load(path)["arr_0"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(field, path, f"could not be read as an .npz with arr_0 ({err!r})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(field, path, f"holds arr_0 {images.shape} {images.dtype}; expected N x H x W x 3 uint8")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optional[str] = None,
+                      inception_weights: Optional[str] = None, batch_size: int = 250) -> dict:
+    """Fréchet distance (and IS on Inception) of a sample file against a data folder's split or a stats file.
+    Returns the evaluator's result plus "metric" (fd_digits or fid)."""
+    from igdit.data import LatentDataModule
+    from igdit.metrics.evaluate import FrechetEvaluator
+    from igdit.metrics.features import DIGITS_NET_FILE
+    from igdit.metrics.fid import ReferenceStats, warn_if_singular
+
+    images = load_sample_file(npz)
+    if ref is None:
+        raise ConfigError("--ref", ref, "pass a data folder or a reference .npz with mu and sigma")
+    is_folder = Path(ref).is_dir()
+    if feature is None:
+        feature = "digits" if is_folder and (Path(ref) / DIGITS_NET_FILE).is_file() else "inception"
+    evaluator = FrechetEvaluator(feature, ref if is_folder else None, inception_weights, field="--feature",
+                                 weights_field="--inception-weights")
+    warn_if_singular(len(images), evaluator.num_features, "--npz")
+    if is_folder:
+        evaluator.reference_from_data(LatentDataModule(root=ref), split, batch_size)
+    else:
+        evaluator.use_reference(ReferenceStats.load(ref, evaluator.num_features, feature, "--ref"))
+    return evaluator.score(images.split(batch_size)) | {"metric": evaluator.metric_name}
+
+
+def evaluate_checkpoint(ckpt: str, config: str, overrides: Sequence[str]) -> dict[str, dict]:
+    """`igdit validate --config <config> --ckpt_path <ckpt>` with the config's FIDCallback; its results."""
+    from igdit.callbacks import FIDCallback
+    from igdit.cli import run_lightning_cli
+
+    if not Path(ckpt).is_file():
+        raise ConfigError("--ckpt", ckpt, "is not a file; pass an igdit checkpoint (.ckpt)")
+    if config is None:
+        raise ConfigError("--config", config, "pass the experiment YAML whose FIDCallback defines the evaluation")
+    cli = run_lightning_cli(["--config", config, *overrides], run=False)
+    callback = next((cb for cb in cli.trainer.callbacks if isinstance(cb, FIDCallback)), None)
+    if callback is None:
+        raise ConfigError("--config", config, "has no igdit.callbacks.FIDCallback in trainer.callbacks")
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+    return {f"{callback.metric_name}/{name}": result for name, result in callback.last_results.items()}
+
+
+def main(argv: Sequence[str]) -> int:
+    args, rest = _parser().parse_known_args(list(argv))
+    try:
+        if args.npz is not None:
+            if rest:
+                raise ConfigError("igdit eval", " ".join(rest), "unknown arguments for --npz scoring")
+            result = score_sample_file(args.npz, args.ref, args.split, args.feature, args.inception_weights,
+                                       args.batch_size)
+            line = f"{result['metric']} {result['fd']:.4f}  ({result['num_samples']} samples vs {args.ref}"
+            line += f", split {args.split})" if Path(args.ref).is_dir() else ")"
+            if "is" in result:
+                line += f"  IS {result['is']:.2f} +- {result['is_std']:.2f}"
+            print(line)
+            return 0
+        if args.ckpt is None:
+            raise ConfigError("igdit eval", None, "pass --ckpt and --config, or --npz and --ref")
+        results = evaluate_checkpoint(args.ckpt, args.config, rest)
+    except (ConfigError, ArgumentError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    for name, result in results.items():
+        extra = f"  IS {result['is']:.2f}" if "is" in result else ""
+        print(f"{name:<24} {result['fd']:10.4f}{extra}   ({result['num_samples']} samples, NFE {result['nfe']}, "
+              f"{result['seconds']:.1f} s)")
+    return 0

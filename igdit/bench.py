@@ -1,7 +1,8 @@
 """`make bench`: measure the speed and memory targets side by side in one run and write a report.
 
-Targets (issue 2): the default run's training part <= 8 min on 2 CPU cores; the exit head costs <= 1% of a
-training step against the same backbone without it; peak memory of the default run < 4 GiB.
+Targets: the default run's training part <= 8 min on 2 CPU cores; the exit head costs <= 1% of a training
+step against the same backbone without it; peak memory of the default run < 4 GiB; IG adds no forward pass
+in sampling; one FID evaluation costs <= 20% of the training time between two, in memory flat in K.
 Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
 the median of per-round ratios.
 """
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -128,7 +130,12 @@ def default_run(config: str, extra: list[str]) -> dict:
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
     metrics = run.data.metrics
+    history = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
+    eval_seconds, train_time = history("eval/seconds"), history("train/time")
+    fd = {key: history(key) for key in metrics if key.startswith(("fd_digits/", "fid/"))}
     return {
+        "eval_seconds": eval_seconds, "train_time_at": {step: _at_or_before(train_time, step) for step in eval_seconds},
+        "fd_history": fd,
         "wall_seconds_whole_command": wall,
         "train_seconds": metrics.get("train/time"),
         "train_samples": metrics.get("train/samples"),
@@ -138,16 +145,57 @@ def default_run(config: str, extra: list[str]) -> dict:
     }
 
 
+def _at_or_before(series: dict[int, float], step: int) -> Optional[float]:
+    earlier = [s for s in series if s <= step]
+    return series[max(earlier)] if earlier else None
+
+
+def fid_overhead(run: dict) -> list[dict]:
+    """Per FID evaluation of the default run: its seconds against the training seconds since the previous one."""
+    rows, previous = [], 0.0
+    for step in sorted(run["eval_seconds"]):
+        trained = run["train_time_at"][step]
+        rows.append({"step": step + 1, "eval_seconds": run["eval_seconds"][step], "train_seconds": trained - previous,
+                     "ratio": run["eval_seconds"][step] / max(trained - previous, 1e-9)})
+        previous = trained
+    return rows
+
+
+def fid_memory(config: str, data_root: str, num_samples: int) -> dict:
+    """Peak resident memory of one FID evaluation with ``num_samples`` images, in a fresh process."""
+    code = (
+        "import resource, time, yaml, torch\n"
+        "from igdit.data import LatentDataModule\n"
+        "from igdit.guidance import parse_guidance_settings\n"
+        "from igdit.metrics import FrechetEvaluator, evaluate_settings\n"
+        "from igdit.module import IGDiTModule\n"
+        f"model = IGDiTModule(**yaml.safe_load(open({config!r}))['model'])\n"
+        f"dm = LatentDataModule(root={data_root!r})\n"
+        "model.data_meta = dm.meta\n"
+        f"ev = FrechetEvaluator('digits', {data_root!r})\n"
+        "ev.reference_from_data(dm, 'train')\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "start = time.perf_counter()\n"
+        f"res, _ = evaluate_settings(model, parse_guidance_settings({{'none': {{}}}}, 's'), ev, {num_samples}, 'euler', 2)\n"
+        "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start, res['none']['num_samples'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, peak, seconds, n = int(out[0]), int(out[1]), float(out[2]), int(out[3])
+    return {"num_samples": n, "peak_rss_gib": peak / 2**20, "growth_mib": (peak - before) / 2**10, "seconds": seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="experiments/default.yaml")
     parser.add_argument("--out", default="BENCHMARKS.md")
-    parser.add_argument("--skip-run", action="store_true", help="only the exit-head comparison")
+    parser.add_argument("--data", default="data/digits", help="the digits shards (make data)")
+    parser.add_argument("--skip-run", action="store_true", help="skip the default run (8 minutes)")
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     overhead = exit_head_overhead(args.config)
     sampling = sampling_cost(args.config)
+    memory = [fid_memory(args.config, args.data, k) for k in (1_000, 10_000)]
     run = None if args.skip_run else default_run(args.config, extra)
     lines = [f"# Benchmarks\n", f"Measured {time.strftime('%Y-%m-%d')} on {machine} by `make bench` "
              f"(`python -m igdit.bench`), config `{args.config}`.\n",
@@ -178,9 +226,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"| peak resident memory of the run | {run['peak_rss_gib']:.2f} GiB |",
                   f"| final train/diffusion, val/diffusion | {run['final_train_diffusion']:.4f}, {run['final_val_diffusion']:.4f} |",
                   ""]
+        lines += ["## FID during training (target: one evaluation <= 20% of the training time between two)\n",
+                  "FIDCallback of the default run (settings, K, sampler and steps as in the config), EMA weights.\n",
+                  "| step | evaluation (s) | training since the previous one (s) | ratio |", "|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['eval_seconds']:.1f} | {r['train_seconds']:.1f} | {r['ratio']:.3f} |"
+                  for r in fid_overhead(run)]
+        lines += ["", "Fréchet distance in the digits feature space (lower is better) at each evaluation:\n",
+                  "| setting | " + " | ".join(f"step {s + 1}" for s in sorted(run["eval_seconds"])) + " |",
+                  "|---|" + "---|" * len(run["eval_seconds"])]
+        lines += [f"| {key} | " + " | ".join(f"{values.get(s, float('nan')):.2f}" for s in sorted(run["eval_seconds"]))
+                  + " |" for key, values in sorted(run["fd_history"].items())]
+        lines += [""]
+    lines += ["## FID memory (target: flat in K)\n",
+              "One evaluation (one setting, Euler 2 steps, the default model) in a fresh process; peak resident memory.\n",
+              "| K | peak RSS (GiB) | growth during the evaluation (MiB) | seconds |", "|---|---|---|---|"]
+    lines += [f"| {m['num_samples']:,} | {m['peak_rss_gib']:.2f} | {m['growth_mib']:.0f} | {m['seconds']:.1f} |"
+              for m in memory]
+    lines += [""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run}, indent=1, default=str))
+    print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run, "fid_memory": memory},
+                     indent=1, default=str))
     return 0
 
 

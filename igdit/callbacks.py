@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.trainer.states import RunningStage
 
 from igdit.config import ConfigError, check_choice, check_number
 from igdit.guidance import Denoiser, GuidanceRule
@@ -29,6 +31,20 @@ class SamplesThroughput(ThroughputMonitor):
         if batch and hasattr(pl_module, "training_flops") and not hasattr(pl_module, "flops_per_batch"):
             pl_module.flops_per_batch = pl_module.training_flops(batch)
         super().setup(trainer, pl_module, stage)
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        super().on_validation_batch_end(trainer, *args, **kwargs)
+        self._last_val_batch_end = time.perf_counter()
+
+    def on_validation_end(self, trainer, *args) -> None:
+        # Lightning's monitor takes validation to end with its last batch; work done after it (the FIDCallback's
+        # sampling in on_validation_epoch_end) would otherwise count as training time and sink samples/s.
+        super().on_validation_end(trainer, *args)
+        last = getattr(self, "_last_val_batch_end", None)
+        if last is not None and not trainer.sanity_checking and trainer.state.fn == "fit" \
+                and RunningStage.TRAINING in self._t0s:
+            self._t0s[RunningStage.TRAINING] += time.perf_counter() - last
+        self._last_val_batch_end = None
 
 
 def decode_latents(latents: torch.Tensor, meta: Optional[dict]) -> torch.Tensor:

@@ -5,11 +5,13 @@ BIN    := $(VENV)/bin
 CONFIG ?= experiments/default.yaml
 DATA   ?= data/digits
 ARGS   ?=
+SWEEP  ?= sweeps/ig_guidance.yaml
 
-.PHONY: help venv data train test test-fast bench clean-venv
+.PHONY: help venv data train sweep test test-fast bench clean-venv
 
 help:
 	@echo "make train   set up, build the digits shards if needed, train $(CONFIG) (ARGS='--trainer.max_steps 500' to override)"
+	@echo "make sweep   run or continue the Optuna study SWEEP=$(SWEEP) (sampling sweeps score the newest run of its base)"
 	@echo "make test    set up and run the test suite (slow end-to-end tests included)"
 	@echo "make data    build the default data set into $(DATA)"
 	@echo "make bench   measure speed and memory targets, write BENCHMARKS.md"
@@ -31,6 +33,9 @@ $(DATA)/meta.json: | venv
 
 train: venv data
 	$(BIN)/igdit fit --config $(CONFIG) $(ARGS)
+
+sweep: venv data
+	$(BIN)/igdit sweep $(SWEEP) $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q $(ARGS)

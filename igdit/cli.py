@@ -4,6 +4,7 @@
     igdit data build <source> <out_dir>                                          (igdit.data.cli)
     igdit sample --ckpt <file> --sampler sde --ig.scale 1.4 ...                 (igdit.sampling)
     igdit eval --ckpt <file> --config <x>.yaml | --npz samples.npz --ref <data folder or .npz>  (igdit.metrics.cli)
+    igdit sweep sweeps/<x>.yaml [--ckpt <file>] [--n-trials N]                  (igdit.sweeps)
     igdit import-ckpt --from official-sit <file.pt> --model SiT-XL/2 --exit 8 --out <ckpt>  (igdit.checkpoints)
 
 Any config field can be overridden on the command line with its dotted path, e.g.
@@ -32,7 +33,8 @@ class IGDiTCLI(LightningCLI):
         # Shapes first: a mismatch must stop before anything (an MLflow run included) is created.
         self.datamodule.check_model(self.model.latent_shape, self.model.num_classes)
         trainer = self.trainer
-        resuming = self.config_init[self.subcommand].get("ckpt_path") is not None
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: no subcommand
+        resuming = config.get("ckpt_path") is not None
         for checkpoint in trainer.checkpoint_callbacks:
             if checkpoint.dirpath is None:
                 # Each run gets its own folder, so no run can overwrite another run's checkpoints.
@@ -98,6 +100,8 @@ def _plain_command(name: str):
         from igdit.sampling import main as command
     elif name == "eval":
         from igdit.metrics.cli import main as command
+    elif name == "sweep":
+        from igdit.sweeps import main as command
     else:
         from igdit.checkpoints import main as command
     return command
@@ -106,7 +110,7 @@ def _plain_command(name: str):
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args[:1] in (["data"], ["sample"], ["eval"], ["import-ckpt"]):
+        if args[:1] in (["data"], ["sample"], ["eval"], ["sweep"], ["import-ckpt"]):
             return _plain_command(args[0])(args[1:])
         run_lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
     except (ConfigError, ArgumentError) as err:

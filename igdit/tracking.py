@@ -17,6 +17,10 @@ def default_tracking_uri() -> str:
     return "sqlite:///" + str(Path("mlflow.db").resolve())
 
 
+def default_artifact_location() -> str:
+    return Path("mlartifacts").resolve().as_uri()
+
+
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger with igdit's defaults (sqlite store in the project folder).
 
@@ -27,12 +31,12 @@ class MLflowLogger(MLFlowLogger):
 
     def __init__(self, experiment_name: str = "igdit", run_name: Optional[str] = None,
                  tracking_uri: Optional[str] = None, artifact_location: Optional[str] = None,
-                 tags: Optional[dict[str, Any]] = None):
+                 tags: Optional[dict[str, Any]] = None, run_id: Optional[str] = None):
         if tracking_uri is None:
             tracking_uri = default_tracking_uri()
-            artifact_location = artifact_location or Path("mlartifacts").resolve().as_uri()
+            artifact_location = artifact_location or default_artifact_location()
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
-                         artifact_location=artifact_location, tags=tags, log_model=False)
+                         artifact_location=artifact_location, tags=tags, log_model=False, run_id=run_id)
 
 
 def run_directory(trainer) -> Path:

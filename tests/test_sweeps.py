@@ -1,0 +1,252 @@
+"""Optuna sweeps: the sweep file, sampling and training trials, resuming, grids, failures, MLflow reporting."""
+import io
+from pathlib import Path
+
+import lightning
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from igdit.config import ConfigError
+from igdit.data import load_meta
+from igdit.module import IGDiTModule
+from igdit.sweeps import SweepSpec, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:.*covariance is singular")  # tiny K keeps the tests fast
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, digits_root):
+    """A tiny trained-looking checkpoint: the default model with perturbed weights and the digits' meta."""
+    torch.manual_seed(0)
+    module = IGDiTModule()
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__, "igdit_data_meta": load_meta(digits_root)}, path)
+    return path
+
+
+def _base(tmp_path, digits_root, **fid):
+    """The default experiment pointed at the test shards, with a FIDCallback small enough for a test."""
+    cfg = yaml.safe_load((REPO / "experiments/default.yaml").read_text())
+    cfg["data"]["root"] = str(digits_root)
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("FIDCallback"):
+            cb["init_args"].update({"num_samples": 20, "sampler": "euler", "steps": 1, "batch_size": 20} | fid)
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _sweep(tmp_path, digits_root, name="s", **fields):
+    spec = {
+        "study": {"name": name, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "direction": "minimize",
+                  "sampler": {"name": "random", "seed": 0}, "n_trials": 3},
+        "kind": "sampling", "base": str(_base(tmp_path, digits_root)), "objective": {"setting": "ig"},
+        "search_space": {"guidance.ig.scale": {"type": "float", "low": 1.0, "high": 3.0}},
+        "mlflow": {"experiment": "sweeps", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    for key, value in fields.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            spec[section][sub] = value
+        else:
+            spec[section] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _runs(tmp_path, role):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweeps")
+    return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.`igdit.role` = '{role}'")
+
+
+def test_a_sampling_sweep_writes_one_child_run_per_trial_and_the_best_into_the_parent(tmp_path, digits_root,
+                                                                                      checkpoint):
+    out = io.StringIO()
+    summary = run_sweep(SweepSpec.load(str(_sweep(tmp_path, digits_root))), str(checkpoint), out=out)
+    client, trials = _runs(tmp_path, "trial")
+    _, parents = _runs(tmp_path, "study")
+    assert len(trials) == 3 and len(parents) == 1
+    parent = parents[0]
+    values = {}
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.data.tags["igdit.study"] == "s"
+        assert run.data.tags["igdit.state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert 1.0 <= float(run.data.params["guidance.ig.scale"]) <= 3.0
+        values[int(run.data.tags["igdit.trial"])] = run.data.metrics["objective"]
+    assert sorted(values) == [0, 1, 2] and len(set(values.values())) == 3  # different scales, different FD
+    best = min(values, key=values.get)
+    assert parent.data.metrics["best_value"] == pytest.approx(values[best])
+    assert parent.data.tags["igdit.best_trial"] == str(best) and summary["best"]["number"] == best
+    plots = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(parent.info.run_id, "plots/after-3-trials")}
+    assert {"history.html", "history.png"} <= plots
+    lines = out.getvalue().splitlines()
+    assert sum(line.startswith("trial ") for line in lines) == 3 and lines[-1].startswith("best fd_digits/ig")
+    # The trial's value is the FIDCallback protocol's Fréchet distance of that setting: rescore one by hand.
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.user_attrs["objective"] == "fd_digits/ig"
+    assert all(t.user_attrs["nfe"] == 1 and t.user_attrs["num_samples"] == 20 for t in study.trials)
+
+
+def test_running_the_same_sweep_again_continues_instead_of_redoing(tmp_path, digits_root, checkpoint):
+    path = str(_sweep(tmp_path, digits_root))
+    run_sweep(SweepSpec.load(path), str(checkpoint), out=io.StringIO())
+    out = io.StringIO()
+    run_sweep(SweepSpec.load(path), str(checkpoint), out=out)
+    assert "3 trial(s) finished, 0 to run" in out.getvalue()
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3
+    run_sweep(SweepSpec.load(path), str(checkpoint), n_trials=4, out=io.StringIO())
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 4
+    _, parents = _runs(tmp_path, "study")
+    _, trials = _runs(tmp_path, "trial")
+    assert len(parents) == 1 and len(trials) == 4  # one parent per study, across sessions
+
+
+def test_a_grid_sweep_covers_exactly_its_grid(tmp_path, digits_root, checkpoint):
+    space = {"guidance.ig.scale": {"type": "float", "low": 1.0, "high": 2.0, "grid": [1.0, 2.0]},
+             "guidance.ig.interval.low": {"type": "float", "low": 0.0, "high": 0.5, "grid": [0.0, 0.5]}}
+    path = str(_sweep(tmp_path, digits_root, study__sampler={"name": "grid"}, study__n_trials=None, search_space=space))
+    spec = SweepSpec.load(path)
+    assert spec.n_trials == 4
+    run_sweep(spec, str(checkpoint), out=io.StringIO())
+    run_sweep(SweepSpec.load(path), str(checkpoint), out=io.StringIO())  # nothing left to do
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    combos = sorted((t.params["guidance.ig.scale"], t.params["guidance.ig.interval.low"]) for t in study.trials)
+    assert combos == [(1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (2.0, 0.5)]
+
+
+def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path, digits_root, checkpoint):
+    space = {"guidance.ig.scale": {"type": "categorical", "choices": [-1.0, 2.0], "grid": [-1.0, 2.0]}}
+    path = _sweep(tmp_path, digits_root, study__sampler={"name": "grid"}, study__n_trials=None, search_space=space)
+    out = io.StringIO()
+    run_sweep(SweepSpec.load(str(path)), str(checkpoint), out=out)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = {t.params["guidance.ig.scale"]: t.state.name for t in study.trials}
+    assert states == {-1.0: "FAIL", 2.0: "COMPLETE"}
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert "search_space.ig.ig.scale" in failed.user_attrs["error"]
+    _, trials = _runs(tmp_path, "trial")
+    run = next(r for r in trials if r.data.tags["igdit.state"] == "FAIL")
+    assert run.info.status == "FAILED" and "ConfigError" in run.data.tags["igdit.error"]
+    assert "fail" in out.getvalue()
+
+
+def test_a_constraint_violation_prunes_the_trial_without_sampling(tmp_path, digits_root, checkpoint):
+    space = {"guidance.ig.interval.low": {"type": "float", "low": 0.6, "high": 0.6, "grid": [0.6]},
+             "guidance.ig.interval.high": {"type": "float", "low": 0.5, "high": 1.0, "grid": [0.5, 1.0]}}
+    path = _sweep(tmp_path, digits_root, study__sampler={"name": "grid"}, study__n_trials=None, search_space=space,
+                  constraints=["guidance.ig.interval.low < guidance.ig.interval.high"])
+    run_sweep(SweepSpec.load(str(path)), str(checkpoint), out=io.StringIO())
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = {t.params["guidance.ig.interval.high"]: t.state.name for t in study.trials}
+    assert states == {0.5: "PRUNED", 1.0: "COMPLETE"}
+
+
+def test_an_interrupted_sweep_resumes_and_redoes_the_interrupted_trial(tmp_path, digits_root, checkpoint,
+                                                                       monkeypatch):
+    from igdit import sweeps
+
+    path = str(_sweep(tmp_path, digits_root))
+    calls = {"n": 0}
+    original = sweeps.SamplingObjective.__call__
+
+    def interrupt_second(self, trial, values, run_id):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, trial, values, run_id)
+
+    monkeypatch.setattr(sweeps.SamplingObjective, "__call__", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SweepSpec.load(path), str(checkpoint), out=io.StringIO())
+    _, parents = _runs(tmp_path, "study")
+    assert parents[0].info.status == "KILLED"
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    monkeypatch.setattr(sweeps.SamplingObjective, "__call__", original)
+    out = io.StringIO()
+    run_sweep(SweepSpec.load(path), str(checkpoint), out=out)
+    assert "1 trial(s) finished, 2 to run" in out.getvalue()
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"study__name": "bad name!"}, "study.name"),
+    ({"kind": "tuning"}, "kind"),
+    ({"base": "experiments/nope.yaml"}, "base"),
+    ({"study__storage": "optuna.db"}, "study.storage"),
+    ({"study__sampler": {"name": "cmaes"}}, "study.sampler.name"),
+    ({"study__pruner": {"name": "hyperband"}}, "study.pruner.name"),
+    ({"study__n_trials": 0}, "study.n_trials"),
+    ({"search_space": {"model.exits": {"type": "int", "low": 1, "high": 3}}}, "search_space.model.exits"),
+    ({"search_space": {"guidance.ig.scale": {"type": "float", "low": 3.0, "high": 1.0}}}, "search_space.guidance.ig.scale.high"),
+    ({"search_space": {"guidance.ig.scale": {"type": "float", "low": 1, "high": 2, "grid": [5]}}}, "search_space.guidance.ig.scale.grid"),
+    ({"search_space": {"guidance.ig.scale": {"type": "gaussian"}}}, "search_space.guidance.ig.scale.type"),
+    ({"study__sampler": {"name": "grid"}}, "search_space.guidance.ig.scale.grid"),
+    ({"constraints": ["guidance.ig.scale < guidance.cfg.scale"]}, "constraints[0]"),
+    ({"evaluation": {"num_samples": 1}}, "evaluation.num_samples"),
+    ({"evaluation": {"every_n_steps": 10}}, "evaluation.every_n_steps"),
+    ({"train": {"max_steps": 10}}, "train"),
+    ({"objective": {"goal": "fd"}}, "objective"),
+    ({"sweep_name": "x"}, "sweep_name"),
+])
+def test_an_invalid_sweep_file_gets_a_one_line_error_naming_the_field(change, field, tmp_path, digits_root, capsys):
+    from igdit.cli import main
+
+    path = _sweep(tmp_path, digits_root, **change)
+    with pytest.raises(ConfigError) as err:
+        SweepSpec.load(str(path))
+    assert str(err.value).startswith(field + ":"), str(err.value)
+    assert main(["sweep", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {field}:") and "\n" not in line
+
+
+def test_the_shipped_sweeps_load_and_name_their_base_experiment(monkeypatch):
+    monkeypatch.chdir(REPO)  # paths in sweep files are relative to the repository root, where make runs
+    for path in sorted(Path("sweeps").glob("*.yaml")):
+        spec = SweepSpec.load(str(path))
+        assert spec.base == "experiments/default.yaml" and spec.n_trials >= 8
+    grid = SweepSpec.load("sweeps/ig_cfg_guidance.yaml")
+    assert grid.sampler["name"] == "grid" and grid.n_trials == 24
+    layer = SweepSpec.load("sweeps/ig_layer.yaml")
+    assert layer.kind == "training" and layer.evaluation_callback().every_n_steps == 200
+
+
+def test_a_sampling_sweep_without_a_checkpoint_says_how_to_get_one(tmp_path, digits_root):
+    with pytest.raises(ConfigError, match="^checkpoint: .*make train"):
+        run_sweep(SweepSpec.load(str(_sweep(tmp_path, digits_root))), None, out=io.StringIO())
+
+
+@pytest.mark.slow
+def test_a_training_sweep_trains_reports_fid_per_evaluation_and_logs_into_the_trial_run(tmp_path, digits_root):
+    space = {"model.exits": {"type": "int", "low": 1, "high": 2, "as_list": True, "grid": [1, 2]}}
+    path = _sweep(tmp_path, digits_root, kind="training", study__sampler={"name": "grid"}, study__n_trials=None,
+                  search_space=space, train={"max_steps": 20, "overrides": [
+                      "--trainer.val_check_interval", "10", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                      "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5"]},
+                  evaluation={"every_n_steps": 10, "num_samples": 20, "steps": 1})
+    run_sweep(SweepSpec.load(str(path)), out=io.StringIO())
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.params["model.exits"] for t in study.trials) == [1, 2]
+    client, trials = _runs(tmp_path, "trial")
+    for trial in study.trials:
+        assert trial.state.name == "COMPLETE"
+        assert sorted(trial.intermediate_values) == [10, 20]  # reported at each FID evaluation, by global step
+        assert trial.value == trial.intermediate_values[20]
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.params["exits"] == f"[{trial.params['model.exits']}]"  # the trial trained what it says
+        assert "train/loss" in run.data.metrics and "fd_digits/ig" in run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "fd_digits/ig")
+        assert [m.value for m in history][-1] == pytest.approx(trial.value)

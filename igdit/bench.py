@@ -142,6 +142,8 @@ def default_run(config: str, extra: list[str]) -> dict:
         "samples_per_sec": (metrics["train/samples"] / metrics["train/time"]) if metrics.get("train/time") else None,
         "final_train_diffusion": metrics.get("train/diffusion"), "final_val_diffusion": metrics.get("val/diffusion"),
         "peak_rss_gib": peak_kib / 2**20, "summary": proc.stdout.strip().splitlines()[-7:],
+        "checkpoint": str(next((scratch / "runs" / "bench" / run.info.run_id / "checkpoints").glob("last.ckpt"))),
+        "scratch": str(scratch),
     }
 
 
@@ -159,6 +161,30 @@ def fid_overhead(run: dict) -> list[dict]:
                      "ratio": run["eval_seconds"][step] / max(trained - previous, 1e-9)})
         previous = trained
     return rows
+
+
+def sampling_sweep(sweep: str, checkpoint: str, scratch: str, n_trials: int = 8) -> dict:
+    """A sampling sweep on the default run's checkpoint: one-time set-up (checkpoint, feature network,
+    reference), then seconds per trial (sampling + scoring only) and trials per hour."""
+    import io
+
+    import optuna
+
+    from igdit.sweeps import SamplingObjective, SweepSpec, run_sweep
+
+    spec = SweepSpec.load(sweep)
+    spec.storage = f"sqlite:///{scratch}/optuna.db"
+    spec.tracking_uri = f"sqlite:///{scratch}/mlflow.db"
+    start = time.perf_counter()
+    SamplingObjective(spec, checkpoint)  # what the runner builds once per sweep
+    setup = time.perf_counter() - start
+    run_sweep(spec, checkpoint, n_trials=n_trials, out=io.StringIO())
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
+    seconds = [t.user_attrs["seconds"] for t in trials if t.state.name == "COMPLETE"]
+    per_trial = statistics.median(seconds)
+    return {"sweep": sweep, "trials": len(trials), "complete": len(seconds), "setup_seconds": setup,
+            "median_trial_seconds": per_trial, "trials_per_hour": 3600 / per_trial,
+            "num_samples": trials[0].user_attrs.get("num_samples"), "nfe": trials[0].user_attrs.get("nfe")}
 
 
 def fid_memory(config: str, data_root: str, num_samples: int) -> dict:
@@ -197,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_cost(args.config)
     memory = [fid_memory(args.config, args.data, k) for k in (1_000, 10_000)]
     run = None if args.skip_run else default_run(args.config, extra)
+    sweep = None if run is None else sampling_sweep("sweeps/ig_guidance.yaml", run["checkpoint"], run["scratch"])
     lines = [f"# Benchmarks\n", f"Measured {time.strftime('%Y-%m-%d')} on {machine} by `make bench` "
              f"(`python -m igdit.bench`), config `{args.config}`.\n",
              "## Exit head cost (target: <= 1% of a training step)\n",
@@ -237,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| {key} | " + " | ".join(f"{values.get(s, float('nan')):.2f}" for s in sorted(run["eval_seconds"]))
                   + " |" for key, values in sorted(run["fd_history"].items())]
         lines += [""]
+    if sweep is not None:
+        lines += ["## Sampling sweep (target: a trial costs sampling + scoring only)\n",
+                  f"`{sweep['sweep']}` on the default run's checkpoint, {sweep['trials']} trials "
+                  f"({sweep['complete']} complete; K = {sweep['num_samples']}, NFE {sweep['nfe']} per sample).\n",
+                  "| measure | value |", "|---|---|",
+                  f"| once per sweep: checkpoint, feature network, cached reference | {sweep['setup_seconds']:.1f} s |",
+                  f"| median seconds per trial | {sweep['median_trial_seconds']:.1f} s |",
+                  f"| trials per hour on this machine | {sweep['trials_per_hour']:.0f} |", ""]
     lines += ["## FID memory (target: flat in K)\n",
               "One evaluation (one setting, Euler 2 steps, the default model) in a fresh process; peak resident memory.\n",
               "| K | peak RSS (GiB) | growth during the evaluation (MiB) | seconds |", "|---|---|---|---|"]
@@ -245,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run, "fid_memory": memory},
+    print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run, "fid_memory": memory,
+                      "sampling_sweep": sweep},
                      indent=1, default=str))
     return 0
 

@@ -1,6 +1,6 @@
 """`igdit sample`: images from a checkpoint with any sampler and guidance, as an ADM-suite .npz and a grid.
 
-    igdit sample --ckpt model.ckpt --sampler sde --steps 250 --ig.scale 1.4 --ig.interval [0,1] \\
+    igdit sample --ckpt model.ckpt [--config experiment.yaml] --sampler sde --steps 250 --ig.scale 1.4 --ig.interval [0,1] \\
         --cfg.scale 1.35 --cfg.interval [0,0.7] --num 50000 --labels random --out samples/
 
 The checkpoint's `state_dict` holds the EMA weights (Lightning's EMAWeightAveraging puts them there) and
@@ -107,6 +107,19 @@ def load_module(path: str, field: str = "--ckpt", device: str = "cpu"):
     return module.eval().to(device)
 
 
+def check_config_matches(config: str, hparams) -> None:
+    """One-line ConfigError when the experiment's model section disagrees with the checkpoint's model."""
+    import yaml
+
+    if not Path(config).is_file():
+        raise ConfigError("--config", config, "is not a file; pass the experiment YAML, e.g. experiments/default.yaml")
+    model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
+    for key in ("name", "exits", "input_size", "in_channels", "num_classes"):
+        if key in model and model[key] != hparams.get(key):
+            raise ConfigError(f"--config model.{key}", model[key], f"the checkpoint was trained with "
+                              f"{key} {hparams.get(key)!r}; pass the experiment it was trained with")
+
+
 def _interval(text: str) -> tuple[float, float]:
     try:
         return tuple(float(v) for v in text.strip().strip("[]()").split(","))
@@ -117,6 +130,8 @@ def _interval(text: str) -> tuple[float, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="igdit sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="igdit checkpoint (EMA weights in its state_dict)")
+    p.add_argument("--config", default=None, help="the experiment YAML the checkpoint was trained with (optional: "
+                   "the checkpoint carries its model; given, its model section must agree with the checkpoint)")
     p.add_argument("--sampler", default="sde", help="sde (Euler-Maruyama, the paper's), euler or heun (ODE)")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--ig.scale", dest="ig_scale", type=float, default=1.0, help="Internal Guidance w (1 = off)")
@@ -159,6 +174,8 @@ def main(argv: list[str]) -> int:
             if args.device.startswith("cuda"):
                 args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         module = load_module(args.ckpt, device=args.device)
+        if args.config is not None:
+            check_config_matches(args.config, module.hparams)
         if module.data_meta is None:
             raise ConfigError("--ckpt", args.ckpt, "carries no shard meta.json (encoder and normaliser), so its "
                               "latents cannot be decoded to images; train it with igdit or import it with its data's meta")

@@ -112,3 +112,18 @@ def test_ig_on_a_checkpoint_without_exit_names_the_available_exits(tmp_path, cap
     ckpt = _save(_module(exits=()), tmp_path / "m.ckpt")
     assert main(["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--ig.scale", "1.5"]) == 2
     assert "exits []" in capsys.readouterr().err
+
+
+def test_a_config_that_disagrees_with_the_checkpoint_is_refused(tmp_path, capsys):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    ckpt = _save(_module(exits=(3,)), tmp_path / "m.ckpt")
+    args = ["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--num", "10", "--steps", "2", "--sampler", "euler"]
+    assert main(args + ["--config", str(repo / "experiments/default.yaml")]) == 2  # default.yaml: exits [2]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --config model.exits: [2]") and "[3]" in err
+    assert not (tmp_path / "o").exists()
+    matching = tmp_path / "exp.yaml"
+    matching.write_text("model:\n  name: SiT-T/2\n  exits: [3]\n")
+    assert main(args + ["--config", str(matching)]) == 0

@@ -38,7 +38,7 @@ def decode_latents(latents: torch.Tensor, meta: Optional[dict]) -> torch.Tensor:
     from igdit.data.encoders import LatentNormalizer, build_encoder
 
     normalizer = LatentNormalizer.from_dict(meta["normalizer"])
-    encoder = build_encoder(meta["encoder"]["name"])
+    encoder = build_encoder(meta["encoder"])  # the whole description: name, weights folder, latent mode
     return encoder.decode(normalizer.denormalize(latents))
 
 

@@ -81,7 +81,8 @@ def generate(module, denoiser: Denoiser, sampler: str, steps: int, indices: list
         x1 = noise()
         x0, nfe = run_sampler(sampler, denoiser, module.transport, x1, labels[start:start + batch_size].to(device),
                               steps, model_dtype=dtype, step_noise=noise)
-        chunks.append(to_nhwc_rgb(to_uint8(decode_latents(x0.float().cpu(), module.data_meta))))
+        # decode where the latents are (an SD-VAE on the GPU), then bring the uint8 images to the CPU
+        chunks.append(to_nhwc_rgb(to_uint8(decode_latents(x0.float(), module.data_meta)).cpu()))
     return np.concatenate(chunks), nfe
 
 

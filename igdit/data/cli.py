@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                     "share of the shards on its own GPU; rank 0 writes meta.json.\n\n"
                     "  igdit data build digits data/digits\n"
                     "  igdit data build imagefolder:/datasets/imagenet/train data/imagenet256 --encoder sd-vae-ft-ema \\\n"
-                    "      --resolution 256 --flip --samples-per-shard 1252 --val-fraction 0.001")
+                    "      --resolution 256 --flip --samples-per-shard 2500 --val-fraction 0.001")
     build.add_argument("source", help=f"image source: {', '.join(SOURCES)} (imagefolder:<dir>, one sub-folder per class)")
     build.add_argument("out_dir", help="folder for the shards, e.g. data/digits")
     build.add_argument("--encoder", default="identity",

@@ -1,7 +1,6 @@
 """`igdit data build` at scale: SD-VAE-style encoders through diffusers, flips, shard sizes, resume, ranks."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from helpers import free_port
 from igdit.callbacks import decode_latents
 from igdit.config import ConfigError
 from igdit.data import (LatentDataModule, LatentNormalizer, build_dataset, build_encoder, bytes_per_sample,
@@ -209,16 +209,10 @@ def test_resumed_build_keeps_finished_shards_redoes_the_partial_one_and_equals_a
 
 
 # ---- several ranks -----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_write_the_same_shards_as_one_process(digits_root, tmp_path):
     out = tmp_path / "two-ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "igdit.cli", "data", "build", "digits", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

@@ -1,7 +1,6 @@
 """Two processes, one model: the default experiment under torchrun + Lightning DDP on CPU (gloo)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,41 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-import yaml
 
 from ddp_probe import sample_digest, state_digest
+from helpers import free_port, short_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(tmp_path: Path, probe_dir: Path) -> Path:
     """The default experiment, 8 steps: validation and checkpoints at step 4 and 8, EMA from the start."""
-    cfg = yaml.safe_load((REPO / "experiments/default.yaml").read_text())
-    cfg["trainer"].update(max_steps=8, val_check_interval=4, limit_val_batches=2, log_every_n_steps=2,
-                          enable_progress_bar=False)
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("EMAWeightAveraging"):
-            cb["init_args"].update(decay=0.9, update_starting_at_step=0)
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"]["every_n_train_steps"] = 4
-        if cb["class_path"].endswith("SampleGrid"):
-            cb["init_args"].update(samples_per_class=1, steps=4)
-    cfg["trainer"]["callbacks"].append({"class_path": "ddp_probe.RankProbe", "init_args": {"out": str(probe_dir)}})
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    probe = {"class_path": "ddp_probe.RankProbe", "init_args": {"out": str(probe_dir)}}
+    return short_config(tmp_path / "ddp.yaml", max_steps=8, every=4, samples_per_class=1, grid_steps=4,
+                        extra_callbacks=[probe], limit_val_batches=2, log_every_n_steps=2)
 
 
 @pytest.mark.slow
 def test_two_process_ddp_run_finishes_with_identical_ema_weights_and_disjoint_samples(digits_root, tmp_path):
     probe = tmp_path / "probe"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "igdit.cli", "fit", "--config", str(_config(tmp_path, probe)), "--data.root", str(digits_root),
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.num_nodes", "1",
            "--trainer.strategy", "ddp",

@@ -43,7 +43,7 @@ def test_imagefolder_lists_classes_by_sorted_subfolder_and_reads_rgb_crops(image
     # a grey image is read as RGB
     Image.fromarray(np.full((20, 20), 77, np.uint8)).save(image_folder / "owl" / "grey.png")
     grey = load_source(f"imagefolder:{image_folder}", resolution=16)
-    assert grey.read(grey.paths.index("owl/grey.png")).shape == (3, 16, 16)
+    assert grey.read(list(grey.paths).index("owl/grey.png")).shape == (3, 16, 16)
 
 
 @pytest.mark.parametrize("make,message", [

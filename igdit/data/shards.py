@@ -122,7 +122,7 @@ class _Rows(torch.utils.data.Dataset):
     """source rows -> (row, (C, H, W) uint8 image or None, why it could not be read or None)."""
 
     def __init__(self, source: ImageSource, rows: Sequence[int]):
-        self.source, self.rows = source, list(rows)
+        self.source, self.rows = source, np.asarray(rows, dtype=np.int64)  # no per-row objects to copy on fork
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -170,7 +170,9 @@ class ImageFolderSource(ImageSource):
         if not paths:
             raise ConfigError("source", spec, f"holds no images: expected one sub-folder per class with "
                               f"{', '.join(IMAGE_EXTENSIONS)} files, as <dir>/<class>/<image>.JPEG")
-        self.paths = [os.path.relpath(p, self.root) for p in paths]
+        # A numpy array, not a list of 1.28M str objects: DataLoader workers fork with it, and reading Python
+        # objects touches their refcounts, which copies the pages into every worker.
+        self.paths = np.array([os.path.relpath(p, self.root) for p in paths])
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.class_names = classes
         self.description = {
@@ -188,7 +190,7 @@ class ImageFolderSource(ImageSource):
         return (3, self.resolution, self.resolution)
 
     def where(self, row: int) -> str:
-        return str(self.root / self.paths[row])
+        return str(self.root / str(self.paths[row]))
 
     def read(self, row: int) -> torch.Tensor:
         from PIL import Image

@@ -168,33 +168,37 @@ def _latent_shards(root: Path, samples: int, per_shard: int) -> Path:
 
 
 def streaming_throughput(workers=(1, 2), batch: int = 256, batches: int = 150, samples: int = 24_000,
-                         per_shard: int = 1000) -> dict:
-    """Samples/s that LatentDataModule delivers through a real DataLoader (one rank), per worker count."""
+                         per_shard: int = 1000, rounds: int = 3) -> dict:
+    """Samples/s that LatentDataModule delivers through a real DataLoader (one rank), per worker count: the
+    median of `rounds` interleaved runs of `batches` batches each."""
     with tempfile.TemporaryDirectory(prefix="igdit-bench-shards-") as scratch:  # ~10 KiB a sample, removed after
-        return _stream(_latent_shards(Path(scratch) / "latents", samples, per_shard), workers, batch, batches,
-                       samples, per_shard)
+        root = _latent_shards(Path(scratch) / "latents", samples, per_shard)
+        rates = {n: [] for n in workers}
+        for _ in range(rounds):
+            for n in workers:
+                rates[n].append(_stream(root, n, batch, batches))
+        shard_mb = (root / "train-000000.tar").stat().st_size / 2**20
+    results = {n: {"samples_per_sec": statistics.median(r), "per_worker": statistics.median(r) / n,
+                   "min": min(r), "max": max(r)} for n, r in rates.items()}
+    return {"workers": results, "batch": batch, "batches": batches, "samples": samples, "per_shard": per_shard,
+            "shard_mib": shard_mb, "sample_shape": (4, 32, 32), "rounds": rounds}
 
 
-def _stream(root: Path, workers, batch: int, batches: int, samples: int, per_shard: int) -> dict:
+def _stream(root: Path, workers: int, batch: int, batches: int) -> float:
     from igdit.data import LatentDataModule
 
-    results = {}
-    for n in workers:
-        dm = LatentDataModule(str(root), batch_size=batch, num_workers=n, shuffle_buffer=10_000, steps_per_epoch=10**6)
-        dm.setup("fit")
-        iterator = iter(dm.train_dataloader())
-        for _ in range(2 * n):  # warm-up: workers started, shuffle buffers filled
-            next(iterator)
-        start = time.perf_counter()
-        for _ in range(batches):
-            x, _ = next(iterator)
-        seconds = time.perf_counter() - start
-        iterator._shutdown_workers()
-        rate = batches * batch / seconds
-        results[n] = {"samples_per_sec": rate, "per_worker": rate / n}
-    shard_mb = (root / "train-000000.tar").stat().st_size / 2**20
-    return {"workers": results, "batch": batch, "batches": batches, "samples": samples, "per_shard": per_shard,
-            "shard_mib": shard_mb, "sample_shape": tuple(x.shape[1:])}
+    dm = LatentDataModule(str(root), batch_size=batch, num_workers=workers, shuffle_buffer=10_000,
+                          steps_per_epoch=10**6)
+    dm.setup("fit")
+    iterator = iter(dm.train_dataloader())
+    for _ in range(2 * workers):  # warm-up: workers started, shuffle buffers filled
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    iterator._shutdown_workers()
+    return batches * batch / seconds
 
 
 def encoder_throughput(vae_images: int = 4, crop_images: int = 64) -> dict:
@@ -268,10 +272,11 @@ def data_sections(stream: dict, encode: dict) -> list[str]:
         f"`LatentDataModule` through a real DataLoader, one rank: {stream['samples']:,} random "
         f"{'x'.join(map(str, stream['sample_shape']))} float16 latents in shards of {stream['per_shard']} "
         f"({stream['shard_mib']:.1f} MiB) written by `build_dataset`, shuffle buffer 10,000, batches of "
-        f"{stream['batch']}, {stream['batches']} batches timed after warm-up.\n",
+        f"{stream['batch']}, {stream['batches']} batches timed after warm-up; median of {stream['rounds']} "
+        "interleaved rounds (min-max in brackets).\n",
         "| DataLoader workers | samples/s | samples/s per worker |", "|---|---|---|",
-        f"| 1 | {one['samples_per_sec']:,.0f} | {one['per_worker']:,.0f} |",
-        f"| 2 | {two['samples_per_sec']:,.0f} | {two['per_worker']:,.0f} |",
+        f"| 1 | {one['samples_per_sec']:,.0f} ({one['min']:,.0f}-{one['max']:,.0f}) | {one['per_worker']:,.0f} |",
+        f"| 2 | {two['samples_per_sec']:,.0f} ({two['min']:,.0f}-{two['max']:,.0f}) | {two['per_worker']:,.0f} |",
         f"\nSiT-XL/2 consumption assumed per GPU: **{SIT_XL2_SAMPLES_PER_GPU:,.0f} samples/s**, an upper bound: "
         f"{SIT_XL2_FORWARD_GFLOPS} GFLOPs per image forward (DiT paper, Table 4) x 3 for forward + backward on an "
         f"H100 at 50% of its 989 dense bf16 TFLOP/s. Measured figures are lower: 108 images/s per A100 (fast-DiT "

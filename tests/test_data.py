@@ -309,3 +309,25 @@ def test_default_epoch_never_reads_a_sample_twice_when_shards_are_uneven(built, 
         monkeypatch.setenv("RANK", str(rank))
         keys = [k for keys, _, _ in islice(dm.train_samples(with_keys=True).compose(wds.batched(42)), 11) for k in keys]
         assert len(keys) == len(set(keys)) == 11 * 42
+
+
+def test_latents_read_by_the_fast_path_equal_numpys_own_decoder(built):
+    from functools import partial
+
+    from igdit.data.datamodule import _to_tensors, npy_header
+
+    raw = next(iter(wds.DataPipeline(wds.SimpleShardList([str(built / "train-000000.tar")]), wds.tarfile_to_samples())))
+    header = npy_header((1, 8, 8))
+    assert raw["latent.npy"].startswith(header)  # what the build writes takes the fast path
+    fast = _to_tensors(raw, (1, 8, 8), False, header)
+    slow = _to_tensors(raw, (1, 8, 8), False)
+    assert torch.equal(fast[0], slow[0]) and fast[1] == slow[1]
+    expected = np.load(__import__("io").BytesIO(raw["latent.npy"])).astype(np.float32)
+    assert np.array_equal(fast[0].numpy(), expected)
+    # Another dtype or shape falls back to the general decoder, and a wrong shape is still reported.
+    other = {**raw, "latent.npy": wds.writer.numpy_dumps(np.ones((1, 8, 8), np.float32))}
+    assert torch.equal(partial(_to_tensors, latent_shape=(1, 8, 8), with_keys=False, header=header)(other)[0],
+                       torch.ones(1, 8, 8))
+    with pytest.raises(ValueError, match="latent shape \\(2, 4, 8\\), meta.json says \\(1, 8, 8\\)"):
+        _to_tensors({**raw, "latent.npy": wds.writer.numpy_dumps(np.ones((2, 4, 8), np.float16))}, (1, 8, 8),
+                    False, header)

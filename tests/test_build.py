@@ -222,3 +222,21 @@ def test_two_ranks_under_torchrun_write_the_same_shards_as_one_process(digits_ro
     two, one = _samples(out), _samples(digits_root)
     assert sorted(two) == sorted(one) and all(np.array_equal(two[k][0], one[k][0]) for k in one)
     assert load_meta(out)["shard_samples"] == load_meta(digits_root)["shard_samples"]
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--normalizer", "minmax"], "error: normalizer: 'minmax' is not allowed; choose one of 'encoder', 'channel-stats'"),
+    (["--encoder", "sd-vae-ft-ema", "--latent", "mode"], "error: latent: 'mode' is not allowed; choose one of 'sample'"),
+    (["--latent", "mean"], "error: latent: 'mean' is not allowed; only VAE encoders take it"),
+    (["--stats-images", "1"], "error: stats_images: 1 is not allowed; expected an integer >= 2"),
+    (["--workers", "-1"], "error: workers: -1 is not allowed; expected an integer >= 0"),
+    (["--batch-size", "0"], "error: batch_size: 0 is not allowed; expected an integer >= 1"),
+    (["--shard-size-mb", "0"], "error: shard_size_mb: 0.0 is not allowed; expected a number > 0"),
+    (["--samples-per-shard", "0"], "error: samples_per_shard: 0 is not allowed; expected an integer >= 1"),
+])
+def test_bad_build_flags_stop_with_one_line_before_anything_is_written(flags, error, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert data_main(["build", "digits", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(error) and "\n" not in err, err
+    assert not out.exists()

@@ -33,11 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--vae-path", default=None,
                        help="local folder with the VAE weights (save_pretrained layout); default: the Hugging Face "
                             f"cache ({hf_cache_dir()}); nothing is downloaded")
-    build.add_argument("--latent", default=None, choices=LATENT_MODES,
-                       help="VAEs: store a posterior sample (default; seeded per image) or the posterior mean")
-    build.add_argument("--normalizer", default="encoder", choices=NORMALIZERS,
-                       help="encoder: the encoder's own scaling (0.18215 for SD-VAE; default); channel-stats: "
-                            "per-channel mean/std of --stats-images training latents")
+    build.add_argument("--latent", default=None,
+                       help=f"VAEs, one of {', '.join(LATENT_MODES)}: store a posterior sample (default; seeded "
+                            "per image) or the posterior mean")
+    build.add_argument("--normalizer", default="encoder",
+                       help=f"one of {', '.join(NORMALIZERS)}: the encoder's own scaling (0.18215 for SD-VAE; "
+                            "default) or per-channel mean/std of --stats-images training latents")
     build.add_argument("--stats-images", type=int, default=10_000,
                        help="images the channel statistics are measured on (default 10000)")
     build.add_argument("--resolution", type=int, default=None,

@@ -223,22 +223,28 @@ def _crop_rate(scratch: Path, crop_images: int):
         Image.fromarray((arr + rng.normal(0, 8, arr.shape)).clip(0, 255).astype(np.uint8)).save(
             scratch / "class0" / f"{i}.JPEG", quality=90)
     source = ImageFolderSource(str(scratch), 256)
-    start = time.perf_counter()
-    crops = torch.stack([source.read(i) for i in range(len(source))])
-    return crops, len(source) / (time.perf_counter() - start)
+    rates = []
+    for _ in range(3):  # median of 3 passes: this machine is shared
+        start = time.perf_counter()
+        crops = torch.stack([source.read(i) for i in range(len(source))])
+        rates.append(len(source) / (time.perf_counter() - start))
+    return crops, statistics.median(rates)
 
 
 def _vae_rates(crops: torch.Tensor, crop_rate: float, vae_images: int) -> dict:
     from diffusers import AutoencoderKL
     from lightning.fabric.utilities.throughput import measure_flops
 
-    def rate(vae, images: torch.Tensor, rounds: int = 2) -> float:
+    def rate(vae, images: torch.Tensor, rounds: int = 3) -> float:
+        """Median images/s of `rounds` encoder calls on `images`, after a warm-up call."""
+        times = []
         with torch.no_grad():
             vae.encode(images[:1])  # warm-up
-            start = time.perf_counter()
             for _ in range(rounds):
+                start = time.perf_counter()
                 vae.encode(images).latent_dist.sample()
-        return rounds * images.shape[0] / (time.perf_counter() - start)
+                times.append(time.perf_counter() - start)
+        return images.shape[0] / statistics.median(times)
 
     x = crops[:vae_images].float() / 127.5 - 1
     torch.manual_seed(0)
@@ -290,9 +296,10 @@ def data_sections(stream: dict, encode: dict) -> list[str]:
         "## Encoding for `igdit data build` (images/s)\n",
         "| stage | images/s | notes |", "|---|---|---|",
         f"| JPEG decode + ADM centre crop to 256 (one process) | {encode['crop_images_per_sec']:.0f} | "
-        f"{encode['crop_images']} synthetic 500x375 JPEGs (ImageNet's typical size); `--workers` run this in parallel |",
+        f"{encode['crop_images']} synthetic 500x375 JPEGs (ImageNet's typical size), median of 3 passes; "
+        "`--workers` run this in parallel |",
         f"| SD-VAE encoder architecture, random weights, 256x256, CPU | {encode['sd_vae_images_per_sec']:.2f} | "
-        f"batch {encode['sd_vae_batch']}, posterior sample; not the real weights (speed does not depend on them); "
+        f"batch {encode['sd_vae_batch']}, median of 3 calls, posterior sample; not the real weights (speed does not depend on them); "
         f"{encode['sd_vae_encode_gflops']:.0f} GFLOPs per image |",
         f"| tests' tiny random AutoencoderKL, 16x16, CPU | {encode['tiny_vae_images_per_sec']:.0f} | "
         f"batch {encode['tiny_vae_batch']}; not the SD-VAE: shows the pipeline's own overhead only |",
@@ -330,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    load = os.getloadavg()[0]
     stream, encode = streaming_throughput(), encoder_throughput()
     data = data_sections(stream, encode)
     if args.only == "data":
@@ -337,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         report = out.read_text() if out.exists() else "# Benchmarks\n"
         report = _merge_sections(report, [f"## Data throughput\n\nThe two data sections below were measured "
                                           f"{time.strftime('%Y-%m-%d')} on {machine} by "
-                                          "`python -m igdit.bench --only data`.\n"] + data)
+                                          f"`python -m igdit.bench --only data` (load average {load:.1f} before, "
+                                          "on a machine shared with other work: medians of interleaved rounds).\n"]
+                                 + data)
         out.write_text(report)
         print("\n".join(data))
         print(json.dumps({"streaming": stream, "encoder": encode}, indent=1, default=str))

@@ -306,8 +306,8 @@ def data_sections(stream: dict, encode: dict) -> list[str]:
         f"\nAt the same 50% of an H100's bf16 peak the SD-VAE encoder would take ~{h100_vae:,.0f} images/s per GPU "
         f"(an estimate from FLOPs: no GPU here). ImageNet on one 8-GPU node: encoding 2 x 1.28M images (`--flip`) "
         f"~{encode_minutes:.0f} min of GPU time; decoding and cropping 1.28M JPEGs with 64 processes at this "
-        f"machine's per-process rate ~{decode_minutes:.0f} min, so the CPU side sets the pace: give each rank "
-        "`--workers` = its share of the cores.\n",
+        f"machine's per-process rate ~{decode_minutes:.0f} min. Both are minutes: give each rank `--workers` = "
+        "its share of the node's cores so that JPEG decoding keeps up with the GPUs.\n",
     ]
 
 

@@ -233,6 +233,8 @@ def test_two_ranks_under_torchrun_write_the_same_shards_as_one_process(digits_ro
     (["--batch-size", "0"], "error: batch_size: 0 is not allowed; expected an integer >= 1"),
     (["--shard-size-mb", "0"], "error: shard_size_mb: 0.0 is not allowed; expected a number > 0"),
     (["--samples-per-shard", "0"], "error: samples_per_shard: 0 is not allowed; expected an integer >= 1"),
+    (["--device", "gpu7"], "error: device: 'gpu7' is not allowed; expected cpu, cuda or cuda:<index>"),
+    (["--device", "cuda:9"], "error: device: 'cuda:9' is not allowed; expected cpu, cuda or cuda:<index> of a visible"),
 ])
 def test_bad_build_flags_stop_with_one_line_before_anything_is_written(flags, error, tmp_path, capsys):
     out = tmp_path / "out"

@@ -225,6 +225,19 @@ def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encode
     return record
 
 
+def _check_device(device: str) -> None:
+    allowed = "expected cpu, cuda or cuda:<index> of a visible GPU"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError("device", device, allowed) from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available()
+                                  or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError("device", device, f"{allowed}; this machine has {torch.cuda.device_count()} GPU(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError("device", device, allowed)
+
+
 def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip) -> int:
     if samples_per_shard is not None and shard_size_mb is not None:
         raise ConfigError("shard_size_mb", shard_size_mb, "give --samples-per-shard or --shard-size-mb, not both")
@@ -280,6 +293,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     group = BuildGroup()
     if device is None:
         device = f"cuda:{group.local_rank}" if torch.cuda.is_available() else "cpu"
+    _check_device(device)
     _check_out_dir(out, resume)
     enc = build_encoder(encoder, path=vae_path, latent=latent, device=device)
     data = load_source(source, resolution) if isinstance(source, str) else source

@@ -322,7 +322,10 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     with group:
         group.barrier()  # every rank has checked out_dir before rank 0 writes the plan into it
 
-        def make_plan() -> dict:
+        def make_plan() -> tuple[dict, list]:
+            """The plan (new, or the unfinished build's after checking it matches) and the shards still to write.
+            Both come from rank 0 alone: a rank that lists the folder itself might already see shards that a
+            faster rank has just finished, and the ranks would deal different lists."""
             plan_path = out / BUILD_DIR / PLAN_FILE
             if plan_path.is_file():  # resuming: the same arguments and listing, the recorded normaliser
                 plan = json.loads(plan_path.read_text())
@@ -333,18 +336,17 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                 if plan["fingerprint"] != data.fingerprint():
                     raise ConfigError("source", spec, f"is not what the unfinished build in {out} started from (its "
                                       "listing or images changed); build into a new folder")
-                return plan
-            (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
-            norm, fit = _fit_normalizer(normalizer, encode, data, train_rows[:stats_images], seed, workers)
-            plan = {"args": args, "fingerprint": data.fingerprint(), "normalizer": norm.to_dict(),
-                    "normalizer_fit": fit, "num_shards": num_shards, "mtime": int(time.time())}
-            _write_json(plan_path, plan)
-            return plan
+            else:
+                (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+                norm, fit = _fit_normalizer(normalizer, encode, data, train_rows[:stats_images], seed, workers)
+                plan = {"args": args, "fingerprint": data.fingerprint(), "normalizer": norm.to_dict(),
+                        "normalizer_fit": fit, "num_shards": num_shards, "mtime": int(time.time())}
+                _write_json(plan_path, plan)
+            done = set(_existing_build(out)[0])
+            return plan, [(s, i) for s in SPLITS for i in range(num_shards[s]) if _shard_name(s, i) not in done]
 
-        plan = group.on_rank0(make_plan)
+        plan, todo = group.on_rank0(make_plan)
         norm = LatentNormalizer.from_dict(plan["normalizer"])
-        done = set(_existing_build(out)[0])
-        todo = [(s, i) for s in SPLITS for i in range(num_shards[s]) if _shard_name(s, i) not in done]
         mine = todo[group.rank::group.world_size]  # dealt round-robin: ranks get equal shares, resumed or not
         shard_rows = {(s, i): rows[s][i * images_per_shard[s]:(i + 1) * images_per_shard[s]] for s, i in mine}
         stream = _read(data, [r for key in mine for r in shard_rows[key]], workers)
@@ -360,12 +362,12 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
         group.barrier()  # every shard is closed
 
         def write_meta() -> dict:
-            records = {s: [json.loads((out / BUILD_DIR / f"{s}-{i:06d}.json").read_text())
-                           for i in range(num_shards[s])] for s in SPLITS}
             missing = [_shard_name(s, i) for s in SPLITS for i in range(num_shards[s])
                        if not (out / _shard_name(s, i)).is_file()]
             if missing:
                 raise RuntimeError(f"{len(missing)} shard(s) missing after the build, e.g. {missing[0]}")
+            records = {s: [json.loads((out / BUILD_DIR / f"{s}-{i:06d}.json").read_text())
+                           for i in range(num_shards[s])] for s in SPLITS}
             skipped = [s for split in SPLITS for r in records[split] for s in r["skipped"]]
             meta = {
                 "format_version": FORMAT_VERSION,

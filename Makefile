@@ -4,16 +4,38 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= experiments/default.yaml
 DATA   ?= data/digits
+SOURCE ?= digits
 ARGS   ?=
 SWEEP  ?= sweeps/ig_guidance.yaml
+DATA_ARGS ?=
+
+# Several GPUs or nodes: `make train CONFIG=... NODES=4 GPUS=8 NODE_RANK=<i> MASTER_ADDR=<host of rank 0>` on every
+# node starts torchrun, which starts GPUS processes there; Lightning's DDP runs one model across all of them.
+# Without NODES and GPUS, `make train` is one plain process (the laptop default).
+NODES       ?=
+GPUS        ?=
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+ifneq ($(strip $(NODES)$(GPUS)),)
+LAUNCH    := $(BIN)/python -m torch.distributed.run --nnodes $(or $(NODES),1) --nproc_per_node $(or $(GPUS),1) \
+             --node_rank $(NODE_RANK) --master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) -m igdit.cli
+DIST_ARGS := --trainer.num_nodes $(or $(NODES),1) --trainer.devices $(or $(GPUS),1) --trainer.strategy ddp
+else
+LAUNCH    := $(BIN)/igdit
+DIST_ARGS :=
+endif
+# Only the default experiment trains on the digits shards `make data` builds; the paper configs name their own.
+TRAIN_DATA := $(if $(filter experiments/default.yaml,$(CONFIG)),data,)
 
 .PHONY: help venv data train sweep test test-fast bench clean-venv
 
 help:
 	@echo "make train   set up, build the digits shards if needed, train $(CONFIG) (ARGS='--trainer.max_steps 500' to override)"
+	@echo "             NODES=4 GPUS=8 NODE_RANK=<i> MASTER_ADDR=<host> [MASTER_PORT=29500]: torchrun + DDP on every node"
 	@echo "make sweep   run or continue the Optuna study SWEEP=$(SWEEP) (sampling sweeps score the newest run of its base)"
 	@echo "make test    set up and run the test suite (slow end-to-end tests included)"
-	@echo "make data    build the default data set into $(DATA)"
+	@echo "make data    build $(SOURCE) into $(DATA) (DATA_ARGS='--encoder sd-vae-ft-ema --resolution 256'; GPUS=8 splits it)"
 	@echo "make bench   measure speed and memory targets, write BENCHMARKS.md"
 
 venv: $(VENV)/.installed
@@ -29,10 +51,10 @@ $(VENV)/.installed: pyproject.toml
 data: $(DATA)/meta.json
 
 $(DATA)/meta.json: | venv
-	$(BIN)/igdit data build digits $(DATA)
+	$(LAUNCH) data build $(SOURCE) $(DATA) $(DATA_ARGS)
 
-train: venv data
-	$(BIN)/igdit fit --config $(CONFIG) $(ARGS)
+train: venv $(TRAIN_DATA)
+	$(LAUNCH) fit --config $(CONFIG) $(DIST_ARGS) $(ARGS)
 
 sweep: venv data
 	$(BIN)/igdit sweep $(SWEEP) $(ARGS)

@@ -1,6 +1,7 @@
 """Lightning callbacks: the end-of-run sample grid, training throughput and the periodic Fréchet distance."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -49,14 +50,23 @@ class SamplesThroughput(ThroughputMonitor):
 
 def decode_latents(latents: torch.Tensor, meta: Optional[dict]) -> torch.Tensor:
     """(N, c, h, w) normalised latents -> (N, C, H, W) images in [-1, 1], with the shards' own normaliser
-    and encoder (identity for pixel-space data; SD-VAE later), so encode and decode cannot disagree."""
+    and encoder (identity for pixel-space data, an SD-VAE for ImageNet latents), so encode and decode cannot
+    disagree."""
     if meta is None:
         return latents
-    from igdit.data.encoders import LatentNormalizer, build_encoder
+    from igdit.data.encoders import LatentNormalizer
 
     normalizer = LatentNormalizer.from_dict(meta["normalizer"])
-    encoder = build_encoder(meta["encoder"]["name"])
-    return encoder.decode(normalizer.denormalize(latents))
+    return _decoder(json.dumps(meta["encoder"], sort_keys=True)).decode(normalizer.denormalize(latents))
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(description: str):
+    """One encoder object per description (name, weights folder, latent mode): an SD-VAE is loaded once, not
+    once per batch of samples."""
+    from igdit.data.encoders import build_encoder
+
+    return build_encoder(json.loads(description))
 
 
 @torch.no_grad()

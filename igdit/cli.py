@@ -1,6 +1,7 @@
 """The `igdit` command.
 
     igdit fit|validate --config experiments/<x>.yaml [--dotted.overrides ...]   (LightningCLI)
+    torchrun --nnodes N --nproc_per_node G ... -m igdit.cli fit ... --trainer.num_nodes N --trainer.devices G
     igdit data build <source> <out_dir>                                          (igdit.data.cli)
     igdit sample --ckpt <file> --sampler sde --ig.scale 1.4 ...                 (igdit.sampling)
     igdit eval --ckpt <file> --config <x>.yaml | --npz samples.npz --ref <data folder or .npz>  (igdit.metrics.cli)
@@ -22,17 +23,27 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from igdit.config import ConfigError
 from igdit.data import LatentDataModule
+from igdit.distributed import check_launch
 from igdit.module import IGDiTModule
 from igdit.tracking import RunConfigSaver, run_directory
 
 
 class IGDiTCLI(LightningCLI):
-    """LightningCLI with igdit's run folder and end-of-run summary."""
+    """LightningCLI with igdit's launch checks, run folder and end-of-run summary."""
+
+    def before_instantiate_classes(self) -> None:
+        # Under torchrun/srun the process layout is fixed: trainer.devices and num_nodes must match it.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer") or {}
+        check_launch(trainer.get("devices"), trainer.get("num_nodes"))
 
     def before_fit(self) -> None:
-        # Shapes first: a mismatch must stop before anything (an MLflow run included) is created.
+        # Shapes and the world first: a mismatch must stop before anything (an MLflow run included) is created,
+        # and before Lightning starts the other processes.
         self.datamodule.check_model(self.model.latent_shape, self.model.num_classes)
         trainer = self.trainer
+        # trainer.world_size is still 1 here (the strategy sets it when it starts the processes): count it.
+        self.datamodule.check_world_size(trainer.num_nodes * trainer.num_devices)
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: no subcommand
         resuming = config.get("ckpt_path") is not None
         for checkpoint in trainer.checkpoint_callbacks:

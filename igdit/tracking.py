@@ -6,6 +6,7 @@ points at a server instead (the right choice for multi-node runs: sqlite on a ne
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,8 +36,36 @@ class MLflowLogger(MLFlowLogger):
         if tracking_uri is None:
             tracking_uri = default_tracking_uri()
             artifact_location = artifact_location or default_artifact_location()
-        super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
-                         artifact_location=artifact_location, tags=tags, log_model=False, run_id=run_id)
+        kwargs = dict(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
+                      artifact_location=artifact_location, tags=tags, log_model=False, run_id=run_id)
+        if _launcher_rank() == 0:
+            super().__init__(**kwargs)
+            return
+        # Only rank 0 logs (Lightning's logger methods are rank-zero-only), but Lightning's constructor opens the
+        # store in every process, and several processes creating one sqlite schema at once fail with
+        # "duplicate column name". Other ranks get no client at all.
+        import mlflow.tracking
+
+        real, mlflow.tracking.MlflowClient = mlflow.tracking.MlflowClient, _NoClient
+        try:
+            super().__init__(**kwargs)
+        finally:
+            mlflow.tracking.MlflowClient = real
+
+
+class _NoClient:
+    """Stands in for MlflowClient in the logger of a rank other than 0, which never logs."""
+
+    def __init__(self, tracking_uri: Optional[str] = None):
+        self.tracking_uri = tracking_uri
+
+
+def _launcher_rank() -> int:
+    """This process's global rank as torchrun, Lightning's launcher or srun set it (0 for a single process)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):  # Lightning's order: SLURM_PROCID may be set outside srun
+        if os.environ.get(key) is not None:
+            return int(os.environ[key])
+    return 0
 
 
 def run_directory(trainer) -> Path:

@@ -7,6 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers import short_config
 from igdit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,20 +72,8 @@ def test_data_path_without_shards_is_refused(tmp_path, capsys):
 
 def _short_config(tmp_path: Path) -> Path:
     """The default experiment, shortened for a test: fewer steps, EMA from the start, a smaller grid."""
-    cfg = yaml.safe_load((REPO / "experiments/default.yaml").read_text())
-    cfg["trainer"].update(max_steps=40, val_check_interval=20, log_every_n_steps=5, enable_progress_bar=False)
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("EMAWeightAveraging"):
-            cb["init_args"].update(decay=0.9, update_starting_at_step=0)
-        if cb["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in cb["init_args"]:
-            cb["init_args"]["every_n_train_steps"] = 20
-        if cb["class_path"].endswith("SampleGrid"):
-            cb["init_args"].update(samples_per_class=2, steps=8)
-        if cb["class_path"].endswith("FIDCallback"):
-            cb["init_args"].update(every_n_steps=20, num_samples=100, steps=2)
-    path = tmp_path / "short.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return short_config(tmp_path / "short.yaml", max_steps=40, every=20, samples_per_class=2, grid_steps=8,
+                        log_every_n_steps=5)
 
 
 @pytest.mark.slow

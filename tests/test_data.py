@@ -1,5 +1,6 @@
 """Digits -> latent shards -> LatentDataModule: what the shards hold and what each rank and worker reads."""
 from collections import Counter
+from itertools import islice
 from types import SimpleNamespace
 
 import numpy as np
@@ -253,3 +254,80 @@ def test_a_corrupt_sample_is_skipped_with_a_warning_not_silently(built, tmp_path
     with pytest.warns(UserWarning, match="skipped sample 00000002 of .*bad-000000.tar"):
         batches = list(dm.val_dataset(with_keys=True))
     assert [k for keys, _, _ in batches for k in keys] == ["00000001", "00000003"]
+
+
+def _numbered_source(n: int):
+    """n distinct 1x4x4 images whose first two pixels spell their index (i % 256, i // 256); 4 classes."""
+    from igdit.data import ArraySource
+
+    images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n) % 256
+    images[:, 0, 0, 1] = torch.arange(n) // 256
+    return ArraySource(images, torch.arange(n) % 4, ["a", "b", "c", "d"], {"name": "numbered"})
+
+
+def _index(x: torch.Tensor) -> list[int]:
+    pixels = unit_to_uint8(x).long()
+    return (pixels[:, 0, 0, 0] + 256 * pixels[:, 0, 0, 1]).tolist()
+
+
+def test_an_epoch_reads_every_sample_exactly_once_across_two_ranks_and_two_workers(tmp_path, monkeypatch):
+    # 80 images -> 72 train in 8 shards of 9: each of 2 ranks x 2 workers holds 2 shards = 18 samples = 3 batches of 6.
+    root = tmp_path / "numbered"
+    meta = build_dataset(_numbered_source(80), root, samples_per_shard=9, progress=False)
+    assert meta["shard_samples"]["train"] == [9] * 8
+    train_rows = sorted(int(k) for k in _read(root, "train"))
+    epochs = [[], []]
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = LatentDataModule(str(root), batch_size=12, num_workers=2, shuffle_buffer=50, seed=1)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.setup("fit")
+        assert dm.per_device_batch_size == 6 and dm.steps_per_epoch == 6
+        loader = dm.train_dataloader()
+        for epoch in range(2):
+            batches = list(loader)
+            assert len(batches) == 6  # the same number of steps on both ranks
+            epochs[epoch] += [i for x, _ in batches for i in _index(x)]
+        loader._iterator._shutdown_workers()
+    for seen in epochs:
+        assert sorted(seen) == train_rows  # each training sample once: none twice, none skipped
+    assert epochs[0] != epochs[1]  # and the second epoch is a new shuffle
+
+
+def test_default_epoch_never_reads_a_sample_twice_when_shards_are_uneven(built, monkeypatch):
+    # 17 shards (16 of 100, one of 17) over 3 ranks hold 600, 517 and 500 samples; per-device batch 42:
+    # every rank runs floor(500 / 42) = 11 steps, the most the smallest share gives without rereading.
+    dm = LatentDataModule(str(built), batch_size=126, shuffle_buffer=300)
+    dm.trainer = SimpleNamespace(world_size=3)
+    with pytest.warns(UserWarning, match="17 train shards do not divide among 3 rank.*multiple of 3"):
+        dm.setup("fit")
+    assert dm.steps_per_epoch == 11
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for rank in (0, 1, 2):
+        monkeypatch.setenv("RANK", str(rank))
+        keys = [k for keys, _, _ in islice(dm.train_samples(with_keys=True).compose(wds.batched(42)), 11) for k in keys]
+        assert len(keys) == len(set(keys)) == 11 * 42
+
+
+def test_latents_read_by_the_fast_path_equal_numpys_own_decoder(built):
+    from functools import partial
+
+    from igdit.data.datamodule import _to_tensors, npy_header
+
+    raw = next(iter(wds.DataPipeline(wds.SimpleShardList([str(built / "train-000000.tar")]), wds.tarfile_to_samples())))
+    header = npy_header((1, 8, 8))
+    assert raw["latent.npy"].startswith(header)  # what the build writes takes the fast path
+    fast = _to_tensors(raw, (1, 8, 8), False, header)
+    slow = _to_tensors(raw, (1, 8, 8), False)
+    assert torch.equal(fast[0], slow[0]) and fast[1] == slow[1]
+    expected = np.load(__import__("io").BytesIO(raw["latent.npy"])).astype(np.float32)
+    assert np.array_equal(fast[0].numpy(), expected)
+    # Another dtype or shape falls back to the general decoder, and a wrong shape is still reported.
+    other = {**raw, "latent.npy": wds.writer.numpy_dumps(np.ones((1, 8, 8), np.float32))}
+    assert torch.equal(partial(_to_tensors, latent_shape=(1, 8, 8), with_keys=False, header=header)(other)[0],
+                       torch.ones(1, 8, 8))
+    with pytest.raises(ValueError, match="latent shape \\(2, 4, 8\\), meta.json says \\(1, 8, 8\\)"):
+        _to_tensors({**raw, "latent.npy": wds.writer.numpy_dumps(np.ones((2, 4, 8), np.float16))}, (1, 8, 8),
+                    False, header)

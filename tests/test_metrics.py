@@ -1,7 +1,6 @@
 """Fréchet distance: the feature networks, reference statistics, the evaluator, DDP, the callback and `igdit eval`."""
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from igdit.data import LatentDataModule
 from igdit.metrics import FrechetEvaluator, ReferenceStats, frechet_distance, real_image_batches
 from igdit.metrics.features import DIGITS_NET_FILE, INCEPTION_WEIGHTS_FILE, InceptionFeatures, load_digits_feature_net
 from igdit.metrics.fid import load_reference, new_frechet_metric, reference_from_metric
+from helpers import free_port
 
 
 def _images(root, split="train"):
@@ -140,12 +140,6 @@ def test_reference_is_computed_once_then_read_from_the_cache(digits_root):
     assert capped.n == 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, root, fake, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -164,7 +158,7 @@ def test_two_process_ddp_gives_the_same_fd_as_one_process(digits_root, tmp_path)
     single = FrechetEvaluator("digits", str(digits_root))
     single.reference_from_data(LatentDataModule(root=str(digits_root)), "train", batch_size=64, cache=False)
     expected = single.score(fake.split(50))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(digits_root), fake, str(tmp_path / "r")), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(digits_root), fake, str(tmp_path / "r")), nprocs=2)
     for rank in range(2):
         saved = torch.load(tmp_path / f"r-{rank}.pt")
         assert saved["n"] == 1617  # the ranks read disjoint halves of the shards; the sums add up to all of them

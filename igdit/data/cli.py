@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from igdit.config import ConfigError
-from igdit.data.encoders import ENCODERS
-from igdit.data.shards import META_FILE, build_dataset
+from igdit.data.encoders import ENCODERS, LATENT_MODES, hf_cache_dir
+from igdit.data.shards import DEFAULT_SAMPLES_PER_SHARD, META_FILE, NORMALIZERS, build_dataset
 from igdit.data.sources import SOURCES
 
 
@@ -17,17 +18,50 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser(
         "build", help="encode a source into train/val WebDataset shards plus meta.json",
-        description="Encode a source into <out_dir>/train-*.tar, val-*.tar and meta.json (written last). "
-                    "An out_dir that already holds shards or meta.json is refused; nothing is deleted.")
-    build.add_argument("source", help=f"image source: {', '.join(SOURCES)} (or name:arg for sources that take one)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Encode a source into <out_dir>/train-*.tar, val-*.tar and meta.json (written last).\n"
+                    "A finished out_dir (meta.json) is refused; an unfinished one only with --resume. Nothing is deleted.\n"
+                    "Under torchrun (torchrun --nproc_per_node 8 -m igdit.cli data build ...) every rank encodes its\n"
+                    "share of the shards on its own GPU; rank 0 writes meta.json.\n\n"
+                    "  igdit data build digits data/digits\n"
+                    "  igdit data build imagefolder:/datasets/imagenet/train data/imagenet256 --encoder sd-vae-ft-ema \\\n"
+                    "      --resolution 256 --flip --samples-per-shard 2500 --val-fraction 0.001")
+    build.add_argument("source", help=f"image source: {', '.join(SOURCES)} (imagefolder:<dir>, one sub-folder per class)")
     build.add_argument("out_dir", help="folder for the shards, e.g. data/digits")
-    build.add_argument("--encoder", default="identity", help=f"latent encoder: {', '.join(ENCODERS)} (default identity)")
+    build.add_argument("--encoder", default="identity",
+                       help=f"latent encoder: {', '.join(ENCODERS)} or diffusers:<folder or hub id> (default identity)")
+    build.add_argument("--vae-path", default=None,
+                       help="local folder with the VAE weights (save_pretrained layout); default: the Hugging Face "
+                            f"cache ({hf_cache_dir()}); nothing is downloaded")
+    build.add_argument("--latent", default=None,
+                       help=f"VAEs, one of {', '.join(LATENT_MODES)}: store a posterior sample (default; seeded "
+                            "per image) or the posterior mean")
+    build.add_argument("--normalizer", default="encoder",
+                       help=f"one of {', '.join(NORMALIZERS)}: the encoder's own scaling (0.18215 for SD-VAE; "
+                            "default) or per-channel mean/std of --stats-images training latents")
+    build.add_argument("--stats-images", type=int, default=10_000,
+                       help="images the channel statistics are measured on (default 10000)")
     build.add_argument("--resolution", type=int, default=None,
-                       help="upsample images to NxN (bilinear) before encoding; default: keep the source size")
-    build.add_argument("--samples-per-shard", type=int, default=100, help="samples per .tar shard (default 100)")
+                       help="imagefolder: ADM centre-crop size (required, 256 for ImageNet 256x256); digits: upsample "
+                            "to NxN (bilinear) before encoding; default: keep the source size")
+    build.add_argument("--flip", action="store_true",
+                       help="also write a horizontally flipped copy of every training image (key <row>-flip)")
+    build.add_argument("--samples-per-shard", type=int, default=None,
+                       help=f"samples per .tar shard (default {DEFAULT_SAMPLES_PER_SHARD}); see the shard-count rule in "
+                            "the README: several shards per GPU x data worker")
+    build.add_argument("--shard-size-mb", type=float, default=None,
+                       help="shard size in MiB instead of --samples-per-shard (4x32x32 latents: 10 KiB per sample)")
     build.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of each class held out for validation (default 0.1)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the train/val split and posterior samples (default 0)")
+    build.add_argument("--resume", action="store_true",
+                       help="continue an unfinished build in out_dir (same arguments): finished shards are kept, "
+                            "a half-written one is redone")
+    build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
+    build.add_argument("--workers", type=int, default=None,
+                       help="processes decoding image files (default min(8, cores) for files, 0 for digits)")
+    build.add_argument("--device", default=None, help="encoder device (default cuda:LOCAL_RANK if available, else cpu)")
+    build.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     build.add_argument("--feature-net", action=argparse.BooleanOptionalAction, default=None,
                        help="train the small classifier whose features give the fd_digits metric, beside the "
                             "shards (default: on for digits)")
@@ -42,9 +76,15 @@ def _summary(meta: dict, out_dir: str, seconds: float) -> str:
         n, k = meta["num_samples"][split], meta["num_shards"][split]
         lines.append(f"  {split:<5} {n:>7} samples in {k} shard(s)  {split}-{0:06d}.tar .. {split}-{k - 1:06d}.tar")
     size = f"{meta['image_shape'][1]}x{meta['image_shape'][2]}" + (" (upsampled)" if meta["upsampled"] else "")
-    lines.append(f"  images {size}; latents {c}x{h}x{w} {meta['dtype']}, encoder {meta['encoder']['name']}, "
+    flip = ", training images also mirrored" if meta.get("flip") else ""
+    lines.append(f"  images {size}{flip}; latents {c}x{h}x{w} {meta['dtype']}, encoder {meta['encoder']['name']}, "
                  f"{meta['num_classes']} classes")
     lines.append(f"  normalizer shift {norm['shift']} scale {norm['scale']}")
+    skipped = meta.get("skipped_images", {}).get("count", 0)
+    if skipped:
+        first = meta["skipped_images"]["first"][0]
+        lines.append(f"  skipped {skipped} unreadable image(s), e.g. {first['image']} ({first['error']}); "
+                     "all are listed in meta.json")
     if meta.get("feature_net"):
         net = meta["feature_net"]
         lines.append(f"  fd_digits feature network {Path(out_dir) / net['file']}: held-out accuracy "
@@ -63,8 +103,13 @@ def main(argv: list[str]) -> int:
             start = time.perf_counter()
             meta = build_dataset(args.source, args.out_dir, encoder=args.encoder, resolution=args.resolution,
                                  samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
-                                 seed=args.seed, feature_net=args.feature_net)
-            print(_summary(meta, args.out_dir, time.perf_counter() - start))
+                                 seed=args.seed, progress=args.progress, shard_size_mb=args.shard_size_mb,
+                                 flip=args.flip, normalizer=args.normalizer, stats_images=args.stats_images,
+                                 vae_path=args.vae_path, latent=args.latent, resume=args.resume,
+                                 batch_size=args.batch_size, workers=args.workers, device=args.device,
+                                 feature_net=args.feature_net)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(_summary(meta, args.out_dir, time.perf_counter() - start))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,15 +4,22 @@ Training stream, per rank and DataLoader worker (WebDataset reads the rank from 
 torch.distributed, the worker from the DataLoader):
 
     sorted shard list -> split_by_node -> split_by_worker        (ranks and workers read DISJOINT shards)
-      -> that subset repeated forever, reshuffled each pass       (seed from seed, rank, worker, pass)
-      -> tar samples -> shuffle buffer -> (x, y) -> full per-device batches
-      -> epoch of steps_per_epoch batches                          (the same count on every rank: no DDP hang)
+      -> passes over that subset, forever; each pass: shards in a fresh order, samples through a shuffle
+         buffer that is emptied at the end of the pass          (seed from seed, rank, worker, pass)
+      -> (x, y) -> full per-device batches
+      -> epoch of steps_per_epoch batches                         (the same count on every rank: no DDP hang)
+
+An epoch starts a new pass on every worker, and by default it is as long as the smallest worker's pass
+(in full batches): within an epoch no sample is read twice. When every (rank, worker) holds the same
+number of samples and that number is a multiple of the per-device batch (shard count divisible by
+ranks x workers, equal shards), an epoch reads every training sample exactly once.
 
 Validation: every rank reads ALL val shards once, in shard order, unshuffled, last partial batch kept.
 """
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
 import random
@@ -24,6 +31,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from igdit.config import ConfigError, check_number
@@ -61,15 +69,28 @@ def resolve_shards(spec: Optional[str], root: Path, split: str, field: str) -> l
     return urls
 
 
-def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool):
+def npy_header(latent_shape: tuple) -> bytes:
+    """The bytes ``np.save`` writes before the data of a float16 array of ``latent_shape`` (what the build writes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(latent_shape, np.float16))
+    return buffer.getvalue()[: -2 * math.prod(latent_shape)]
+
+
+def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool, header: bytes = b""):
     """Raw tar sample -> (x float32 (c, h, w), y long ()) or (key, x, y).
 
-    Decodes with WebDataset's own npy/cls decoders; a failure names the sample and its shard, so the
-    warning that wds.warn_and_continue prints says what was skipped.
+    A latent.npy that starts with exactly ``header`` (float16, this shape, C order) is read straight from its
+    bytes; anything else goes through WebDataset's own npy decoder (parsing the npy header costs about a
+    third of a sample's time). A failure names the sample and its shard, so the warning that
+    wds.warn_and_continue prints says what was skipped.
     """
     key, url = sample.get("__key__"), sample.get("__url__")
     try:
-        latent = wds.autodecode.npy_loads(sample["latent.npy"])
+        raw = sample["latent.npy"]
+        if header and raw.startswith(header) and len(raw) == len(header) + 2 * math.prod(latent_shape):
+            latent = np.frombuffer(raw, np.float16, offset=len(header)).reshape(latent_shape)
+        else:
+            latent = wds.autodecode.npy_loads(raw)
         label = wds.autodecode.decoders["cls"](sample["cls"])
         if tuple(latent.shape) != latent_shape:
             raise ValueError(f"latent shape {tuple(latent.shape)}, meta.json says {latent_shape}")
@@ -86,16 +107,27 @@ def _too_few_shards(num_shards: int, world_size: int, workers: int) -> str:
             "or lower data.num_workers")
 
 
-class RepeatShards(wds.PipelineStage):
-    """Stage after split_by_node/split_by_worker: repeats this rank's and worker's shards forever.
+def shard_subsets(num_shards: int, world_size: int, workers: int) -> list[list[int]]:
+    """Shard indices each (rank, worker) reads, in rank-major order: WebDataset's split_by_node then
+    split_by_worker (every world_size-th shard from the rank, then every workers-th of those)."""
+    return [list(range(num_shards))[rank::world_size][worker::workers]
+            for rank in range(world_size) for worker in range(workers)]
 
-    Each pass visits the subset in a fresh order from seed (seed, rank, worker, pass). The pass counter
-    lives on the stage, which persists across epochs (main process, or persistent DataLoader workers),
-    so a new epoch continues the sequence instead of replaying the first one.
+
+class RepeatShards(wds.PipelineStage):
+    """Stage after split_by_node/split_by_worker: passes over this rank's and worker's shards, forever.
+
+    Each pass visits the subset in a fresh order and sends its samples through a shuffle buffer that is
+    emptied before the next pass starts, so a pass yields every sample of the subset exactly once. Seeds
+    come from (seed, rank, worker, pass). The pass counter lives on the stage, which persists across
+    epochs (main process, or persistent DataLoader workers), so a new epoch starts a new pass instead of
+    replaying the first one.
     """
 
-    def __init__(self, num_shards: int, seed: int, field: str, value, expected_node: Optional[tuple] = None):
+    def __init__(self, num_shards: int, seed: int, field: str, value, shuffle_buffer: int,
+                 expected_node: Optional[tuple] = None):
         self.num_shards, self.seed, self.field, self.value = num_shards, seed, field, value
+        self.shuffle_buffer = shuffle_buffer
         self.expected_node = expected_node  # (rank, world_size) the trainer reported, to catch a silent rank-0 fallback
         self.passes = 0
 
@@ -111,21 +143,17 @@ class RepeatShards(wds.PipelineStage):
         while True:
             order = list(shards)
             random.Random(wds.utils.make_seed(self.seed, rank, worker, self.passes)).shuffle(order)
+            seed = wds.utils.make_seed(self.seed, rank, worker, self.passes, 1)  # trailing 1: not the shard seed
             self.passes += 1
-            yield from order
-
-
-class ShuffleSamples(wds.PipelineStage):
-    """WebDataset's shuffle buffer, seeded from (seed, rank, worker, run) at iteration time in the worker."""
-
-    def __init__(self, bufsize: int, seed: int):
-        self.bufsize, self.seed, self.runs = bufsize, seed, 0
-
-    def run(self, src):
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        seed = wds.utils.make_seed(self.seed, rank, worker, self.runs, 1)  # trailing 1: differs from the shard seed
-        self.runs += 1
-        return wds.shuffle(self.bufsize, initial=self.bufsize, seed=seed)(src)
+            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter(order))
+            count = 0
+            for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples):
+                count += 1
+                yield sample
+            if count == 0:
+                urls = [s["url"] for s in shards]
+                raise RuntimeError(f"rank {rank} worker {worker}: no readable sample in its {len(urls)} shard(s) "
+                                   f"({urls[0]} ...)")
 
 
 class LatentDataModule(pl.LightningDataModule):
@@ -136,8 +164,9 @@ class LatentDataModule(pl.LightningDataModule):
     num_workers: DataLoader workers per device (persistent when > 0).
     shuffle_buffer: samples held in the shuffle buffer of each worker.
     val_batch_size: per-device validation batch (default: the per-device training batch).
-    steps_per_epoch: training batches per epoch on every rank (default: one expected pass,
-        ceil(train samples / batch_size)); rounded up to a multiple of num_workers.
+    steps_per_epoch: training batches per epoch on every rank, rounded up to a multiple of num_workers
+        (default: as many full batches as the smallest (rank, worker) share of the shards holds, so that
+        no sample is read twice in an epoch; see the module docstring for when every sample is read).
     seed: base seed of the shard and sample shuffles.
     train_shards, val_shards: shard patterns overriding root/train-*.tar and root/val-*.tar.
     """
@@ -175,11 +204,8 @@ class LatentDataModule(pl.LightningDataModule):
         self.train_urls = resolve_shards(train_shards, Path(self.root), "train", "data.train_shards")
         self.val_urls = resolve_shards(val_shards, Path(self.root), "val", "data.val_shards")
         self._normalizer = LatentNormalizer.from_dict(self._meta["normalizer"])
-        if train_shards is None:
-            self.num_train_samples = int(self._meta["num_samples"]["train"])
-        else:  # estimate from the share of the built shards that the pattern selects
-            built = self._meta["num_samples"]["train"] / max(1, self._meta["num_shards"]["train"])
-            self.num_train_samples = max(1, round(built * len(self.train_urls)))
+        self.shard_samples = self._train_shard_samples()
+        self.num_train_samples = sum(self.shard_samples)
         self._steps_per_epoch = steps_per_epoch
         self._world_size = 1
         self._expected_node: Optional[tuple] = None
@@ -206,12 +232,25 @@ class LatentDataModule(pl.LightningDataModule):
     def per_device_batch_size(self) -> int:
         return self.batch_size // self._world_size
 
+    def _train_shard_samples(self) -> list[int]:
+        """Samples in each of self.train_urls: meta.json's per-shard counts where it has them (builds since
+        shard_samples was recorded), else the build's average per shard."""
+        meta = self._meta
+        average = meta["num_samples"]["train"] / max(1, meta["num_shards"]["train"])
+        known = {f"train-{i:06d}.tar": n for i, n in enumerate(meta.get("shard_samples", {}).get("train", []))}
+        in_root = {os.path.abspath(os.path.join(self.root, name)) for name in known}
+        return [known[os.path.basename(u)] if os.path.abspath(u) in in_root else max(1, round(average))
+                for u in self.train_urls]
+
     @property
     def steps_per_epoch(self) -> int:
-        """Training batches per epoch on every rank (a multiple of the worker count)."""
-        steps = self._steps_per_epoch or math.ceil(self.num_train_samples / self.batch_size)
+        """Training batches per epoch on every rank (a multiple of the worker count, the same on every rank)."""
         workers = max(1, self.num_workers)
-        return math.ceil(steps / workers) * workers
+        if self._steps_per_epoch is not None:
+            return math.ceil(self._steps_per_epoch / workers) * workers
+        smallest = min(sum(self.shard_samples[i] for i in subset)
+                       for subset in shard_subsets(len(self.train_urls), self._world_size, workers))
+        return max(1, smallest // self.per_device_batch_size) * workers
 
     def check_model(self, latent_shape, num_classes: int) -> None:
         """Raise a one-line ConfigError when a model's (c, h, w) input or class count differs from the shards'."""
@@ -235,14 +274,26 @@ class LatentDataModule(pl.LightningDataModule):
                 else ("data.train_shards", self.train_shards_spec)
             raise ConfigError(field, value, _too_few_shards(len(self.train_urls), world_size, workers))
 
-    def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        world_size = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+    def check_world_size(self, world_size: int) -> None:
+        """The global batch must divide among the ranks, and every rank x worker needs its own shards.
+
+        One-line ConfigErrors; a shard count that does not divide among ranks x workers only warns (ranks
+        then hold different numbers of samples and an epoch cannot read every sample exactly once)."""
         if self.batch_size % world_size:
             raise ConfigError("data.batch_size", self.batch_size, f"must be divisible by the world size {world_size} "
                               "(it is the global batch across all devices)")
-        self._world_size = world_size
         self._check_shard_count(world_size)
+        readers = world_size * max(1, self.num_workers)
+        if len(self.train_urls) % readers:
+            rank_zero_warn(f"{len(self.train_urls)} train shards do not divide among {world_size} rank(s) x "
+                           f"{max(1, self.num_workers)} worker(s): readers hold different numbers of samples, so an "
+                           f"epoch cannot read every sample exactly once; use a multiple of {readers} shards")
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        world_size = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+        self.check_world_size(world_size)
+        self._world_size = world_size
         rank = getattr(trainer, "global_rank", None)
         self._expected_node = (rank, world_size) if isinstance(rank, int) and world_size > 1 else None
         module = getattr(trainer, "lightning_module", None) if trainer is not None else None
@@ -253,8 +304,8 @@ class LatentDataModule(pl.LightningDataModule):
     def _decode_stages(self, with_keys: bool) -> list:
         return [
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys),
-                    handler=wds.warn_and_continue),
+            wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys,
+                            header=npy_header(self.latent_shape)), handler=wds.warn_and_continue),
         ]
 
     def train_samples(self, with_keys: bool = False) -> wds.DataPipeline:
@@ -262,14 +313,13 @@ class LatentDataModule(pl.LightningDataModule):
         for the rank and worker WebDataset sees (RANK/WORLD_SIZE or torch.distributed; DataLoader worker)."""
         field, value = ("data.root", self.root) if self.train_shards_spec is None \
             else ("data.train_shards", self.train_shards_spec)
-        tar, to_tensors = self._decode_stages(with_keys)
+        _, to_tensors = self._decode_stages(with_keys)
         return wds.DataPipeline(
             wds.SimpleShardList(self.train_urls),  # no shuffle here: all ranks must split the same list
             wds.split_by_node,
             wds.split_by_worker,
-            RepeatShards(len(self.train_urls), self.seed, field, value, self._expected_node),
-            tar,
-            ShuffleSamples(self.shuffle_buffer, self.seed),  # shuffle raw bytes; decode only what leaves the buffer
+            # reads the tars and shuffles raw bytes within each pass; decode only what leaves the buffer
+            RepeatShards(len(self.train_urls), self.seed, field, value, self.shuffle_buffer, self._expected_node),
             to_tensors,
         )
 

@@ -4,19 +4,30 @@ Layout of a built folder:
 
     <out_dir>/train-000000.tar ... train-%06d.tar   training samples
     <out_dir>/val-000000.tar ...                    validation samples
+    <out_dir>/.build/plan.json                      the build's arguments and normaliser, written first
+    <out_dir>/.build/train-000000.json ...          per shard: samples written, images skipped (and why)
     <out_dir>/meta.json                             written last: its presence means the build finished
 
-Each sample: ``__key__`` = the image's row in the source as 8 digits (unique across train and val),
-``latent.npy`` = (c, h, w) float16 normalised latent, ``cls`` = integer label.
+Each sample: ``__key__`` = the image's row in the source listing as 8 digits (``-flip`` appended for a
+horizontally flipped copy; unique across train and val), ``latent.npy`` = (c, h, w) float16 normalised
+latent, ``cls`` = integer label.
+
+The plan is deterministic: the train/val split (stratified, seeded) and the cut of each split into
+shards of ``samples_per_shard`` follow from the arguments and the source listing alone. So the build can
+be split across ranks (torchrun: rank r writes the shards it is dealt, with their global names) and
+resumed (``resume=True``: shards already closed are kept, the others are written again). A shard is
+written to ``<name>.tar.tmp`` and renamed when it is complete, so a ``.tar`` is always a finished shard.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
+import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,13 +35,19 @@ import torch.nn.functional as F
 import webdataset as wds
 from tqdm import tqdm
 
-from igdit.config import ConfigError, check_number
+from igdit.config import ConfigError, check_choice, check_number
 from igdit.data.encoders import LatentEncoder, LatentNormalizer, build_encoder, images_to_unit
-from igdit.data.sources import load_source, parse_source
+from igdit.data.sources import ArraySource, ImageSource, UnreadableImage, load_source, parse_source
+from igdit.distributed import BuildGroup
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+BUILD_DIR = ".build"
+PLAN_FILE = "plan.json"
 SPLITS = ("train", "val")
+NORMALIZERS = ("encoder", "channel-stats")
+DEFAULT_SAMPLES_PER_SHARD = 100
+TAR_BLOCK = 512
 
 
 def _igdit_version() -> str:
@@ -40,16 +57,48 @@ def _igdit_version() -> str:
         return "unknown"
 
 
-def _refuse_existing(out: Path) -> None:
-    """Never write into (or delete) a folder that already holds a build or shards."""
+def bytes_per_sample(latent_shape: Sequence[int]) -> int:
+    """Bytes one sample takes in a shard: a tar header and padded data for latent.npy (float16, 128-byte npy
+    header) and for cls. (4, 32, 32) -> 10,240 bytes, so 1 GiB holds ~105k SD-VAE latents."""
+    data = 128 + 2 * math.prod(int(v) for v in latent_shape)
+    return TAR_BLOCK + math.ceil(data / TAR_BLOCK) * TAR_BLOCK + 2 * TAR_BLOCK
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Atomically (write a temporary file, then rename): readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _existing_build(out: Path) -> tuple[list[str], bool]:
+    """(names of finished shards in ``out``, whether there are traces of an unfinished build)."""
+    if not out.is_dir():
+        return [], False
+    finished = sorted(p.name for p in out.iterdir() if p.suffix == ".tar")
+    traces = bool(finished) or (out / BUILD_DIR).exists() or any(out.glob("*.tar.tmp"))
+    return finished, traces
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    """Never write into a finished build; continue an unfinished one only when asked (``resume``)."""
     if out.exists() and not out.is_dir():
         raise ConfigError("out_dir", str(out), "is a file; choose a folder")
-    if out.is_dir():
-        found = sorted(p.name for p in out.iterdir() if p.name == META_FILE or p.suffix == ".tar")
-        if found:
-            what = found[0] + (f" and {len(found) - 1} more build file(s)" if len(found) > 1 else "")
-            raise ConfigError("out_dir", str(out), f"already holds {what}; choose another folder or remove "
-                              "them yourself (igdit never deletes shards)")
+    if (out / META_FILE).exists():
+        raise ConfigError("out_dir", str(out), f"already holds a finished build ({META_FILE}); choose another folder "
+                          "or remove it yourself (igdit never deletes shards)")
+    finished, traces = _existing_build(out)
+    if traces and not resume:
+        what = f"{len(finished)} finished shard(s) of an unfinished build" if finished else "an unfinished build"
+        raise ConfigError("out_dir", str(out), f"already holds {what}; pass --resume to continue it with the same "
+                          "arguments, or choose another folder (igdit never deletes shards)")
+    if resume and finished and not (out / BUILD_DIR / PLAN_FILE).is_file():
+        raise ConfigError("out_dir", str(out), f"holds {len(finished)} .tar file(s) but no {BUILD_DIR}/{PLAN_FILE}: "
+                          "they were not written by a resumable igdit build; choose another folder")
 
 
 def _split(labels: torch.Tensor, num_classes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +118,35 @@ def _split(labels: torch.Tensor, num_classes: int, val_fraction: float, seed: in
     return train, val
 
 
+class _Rows(torch.utils.data.Dataset):
+    """source rows -> (row, (C, H, W) uint8 image or None, why it could not be read or None)."""
+
+    def __init__(self, source: ImageSource, rows: Sequence[int]):
+        self.source, self.rows = source, np.asarray(rows, dtype=np.int64)  # no per-row objects to copy on fork
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        try:
+            return row, self.source.read(row), None
+        except UnreadableImage as err:
+            return row, None, err.error
+
+
+def _as_list(items):
+    return items
+
+
+def _read(source: ImageSource, rows: Sequence[int], workers: int) -> Iterator[tuple]:
+    """(row, image or None, error or None) for ``rows`` in order; ``workers`` processes decode the files."""
+    loader = torch.utils.data.DataLoader(_Rows(source, rows), batch_size=32, num_workers=workers,
+                                         collate_fn=_as_list, prefetch_factor=4 if workers else None)
+    for chunk in loader:
+        yield from chunk
+
+
 def _to_unit(images: torch.Tensor, side: Optional[int]) -> torch.Tensor:
     """(N, C, H, W) uint8 -> float32 in [-1, 1], upsampled to side x side first if given."""
     x = images_to_unit(images)
@@ -78,14 +156,24 @@ def _to_unit(images: torch.Tensor, side: Optional[int]) -> torch.Tensor:
     return x
 
 
-@torch.no_grad()
-def _encode(images: torch.Tensor, encoder: LatentEncoder, side: Optional[int], batch: int = 512) -> torch.Tensor:
-    """(N, C, H, W) uint8 -> (N, c, h, w) float32 encoder latents, upsampled to side x side first if given."""
-    return torch.cat([encoder.encode(_to_unit(chunk, side)).float() for chunk in images.split(batch)])
+class _Encoder:
+    """uint8 images -> normalised float32 latents: to [-1, 1], bilinear upsampling to side if needed, encode."""
+
+    def __init__(self, encoder: LatentEncoder, side: Optional[int], batch: int):
+        self.encoder, self.side, self.batch = encoder, side, batch
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """(N, C, H, W) uint8 -> (N, c, h, w) float32 encoder latents (not yet normalised), on the CPU."""
+        out = []
+        for start in range(0, images.shape[0], self.batch):
+            x = _to_unit(images[start:start + self.batch], self.side)
+            out.append(self.encoder.encode(x, seeds=seeds[start:start + self.batch]).float().cpu())
+        return torch.cat(out)
 
 
-def _train_feature_net(out: Path, data, train_rows: np.ndarray, val_rows: np.ndarray, side: Optional[int],
-                       num_classes: int, seed: int) -> dict:
+def _train_feature_net(out: Path, data: ArraySource, train_rows: np.ndarray, val_rows: np.ndarray,
+                       side: Optional[int], num_classes: int, seed: int) -> dict:
     """Train the domain feature network behind ``fd_digits`` on the training split's images (as the shards
     store them: upsampled when asked), measure it on the validation split, write it beside the shards."""
     from igdit.images import to_uint8
@@ -101,96 +189,254 @@ def _train_feature_net(out: Path, data, train_rows: np.ndarray, val_rows: np.nda
             **info}
 
 
-def _write_split(out: Path, split: str, rows: np.ndarray, latents: torch.Tensor, labels: torch.Tensor,
-                 samples_per_shard: int, progress: bool) -> int:
-    """Write float16 latents (len(rows), c, h, w) as <split>-%06d.tar shards; returns the number of shards."""
-    on_disk = latents.to(torch.float16)
-    if not torch.isfinite(on_disk).all():
-        raise ValueError(f"{split}: normalised latents overflow float16; check the normaliser's scale")
-    arrays = on_disk.numpy()
-    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for i, row in enumerate(tqdm(rows, desc=f"writing {split}", unit="sample", disable=not progress)):
-            sink.write({"__key__": f"{int(row):08d}", "latent.npy": arrays[i], "cls": int(labels[i])})
-    return len(list(out.glob(f"{split}-*.tar")))
+def _sample_seed(seed: int, row: int, flipped: bool) -> int:
+    """The posterior-sample seed of one sample: depends on the build seed, the image and the flip only."""
+    return (int(seed) << 32) + 2 * int(row) + int(flipped)
 
 
-def build_dataset(source: str, out_dir, encoder: str = "identity", resolution: Optional[int] = None,
-                  samples_per_shard: int = 100, val_fraction: float = 0.1, seed: int = 0,
-                  progress: bool = True, feature_net: Optional[bool] = None) -> dict:
+def _fit_normalizer(method: str, encode: _Encoder, source: ImageSource, rows: Sequence[int], seed: int,
+                    workers: int) -> tuple[LatentNormalizer, dict]:
+    """The normaliser the shards are written with, and how it was obtained (for meta.json)."""
+    channels = encode.encoder.latent_shape(_image_shape(source, encode.side))[0]
+    if method == "encoder":
+        return encode.encoder.normalizer(channels), {"method": "encoder"}
+    images, used = [], []
+    for row, image, _ in _read(source, rows, workers):
+        if image is not None:
+            images.append(image)
+            used.append(row)
+    latents = torch.cat([encode(torch.stack(images[i:i + 256]), [_sample_seed(seed, r, False) for r in used[i:i + 256]])
+                         for i in range(0, len(images), 256)])
+    return LatentNormalizer.from_latents(latents), {"method": "channel-stats", "images": len(used),
+                                                   "rule": "shift = per-channel mean, scale = 1 / per-channel std"}
+
+
+def _image_shape(source: ImageSource, side: Optional[int]) -> tuple[int, int, int]:
+    c, h, w = source.image_shape
+    return (c, side, side) if side is not None else (c, h, w)
+
+
+def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encoder, normalizer: LatentNormalizer,
+                 flip: bool, seed: int, source: ImageSource, mtime: int) -> dict:
+    """Encode and write one shard as <name>.tar.tmp, record it in .build/, then rename it to <name>.tar.
+
+    Every member gets the build's integer ``mtime``: shards are then the same bytes whichever rank or run
+    wrote them, and a member costs a 512-byte header (a float mtime adds a 1 KiB extended header)."""
+    name = _shard_name(split, index)
+    good = [(row, image) for row, image, _ in items if image is not None]
+    skipped = [{"image": source.where(row), "error": err} for row, image, err in items if image is None]
+    for s in skipped:
+        warnings.warn(f"skipped unreadable image {s['image']} ({s['error']})", stacklevel=2)
+    samples = []  # (key, image, label, seed): each image, then its flipped copy when asked
+    for row, image in good:
+        samples.append((f"{row:08d}", image, row, _sample_seed(seed, row, False)))
+        if flip:
+            samples.append((f"{row:08d}-flip", image.flip(-1), row, _sample_seed(seed, row, True)))
+    tmp = out / (name + ".tmp")
+    with wds.TarWriter(str(tmp), mtime=mtime) as sink:
+        if samples:
+            latents = normalizer.normalize(encode(torch.stack([s[1] for s in samples]), [s[3] for s in samples]))
+            on_disk = latents.to(torch.float16)
+            if not torch.isfinite(on_disk).all():
+                raise ValueError(f"{name}: normalised latents overflow float16; check the normaliser's scale")
+            arrays = on_disk.numpy()
+            for (key, _, row, _), array in zip(samples, arrays):
+                sink.write({"__key__": key, "latent.npy": array, "cls": int(source.labels[row])})
+    record = {"shard": name, "samples": len(samples), "images": len(good), "skipped": skipped}
+    _write_json(out / BUILD_DIR / (name[:-4] + ".json"), record)
+    os.replace(tmp, out / name)  # the shard exists under its name only once it is complete
+    return record
+
+
+def _check_device(device: str) -> None:
+    allowed = "expected cpu, cuda or cuda:<index> of a visible GPU"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError("device", device, allowed) from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available()
+                                  or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError("device", device, f"{allowed}; this machine has {torch.cuda.device_count()} GPU(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError("device", device, allowed)
+
+
+def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip) -> int:
+    if samples_per_shard is not None and shard_size_mb is not None:
+        raise ConfigError("shard_size_mb", shard_size_mb, "give --samples-per-shard or --shard-size-mb, not both")
+    if shard_size_mb is not None:
+        check_number("shard_size_mb", shard_size_mb, low=0, low_inclusive=False)
+        samples_per_shard = max(1, int(shard_size_mb * 2**20 // bytes_per_sample(latent_shape)))
+        samples_per_shard = max(2, samples_per_shard - samples_per_shard % 2) if flip else samples_per_shard
+    samples_per_shard = DEFAULT_SAMPLES_PER_SHARD if samples_per_shard is None else samples_per_shard
+    check_number("samples_per_shard", samples_per_shard, low=1, integer=True)
+    if flip and samples_per_shard % 2:
+        raise ConfigError("samples_per_shard", samples_per_shard, "--flip writes every training image twice "
+                          "(as is and mirrored) into the same shard; choose an even number")
+    return int(samples_per_shard)
+
+
+def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "identity", resolution: Optional[int] = None,
+                  samples_per_shard: Optional[int] = None, val_fraction: float = 0.1, seed: int = 0,
+                  progress: bool = True, *, shard_size_mb: Optional[float] = None, flip: bool = False,
+                  normalizer: str = "encoder", stats_images: int = 10_000, vae_path: Optional[str] = None,
+                  latent: Optional[str] = None, resume: bool = False, batch_size: int = 64,
+                  workers: Optional[int] = None, device: Optional[str] = None,
+                  feature_net: Optional[bool] = None) -> dict:
     """Encode a source into train/val WebDataset shards under ``out_dir`` and return the meta.json dict.
 
-    source: ``digits`` (or ``name:arg`` for sources that take one); encoder: a key of ``ENCODERS``;
-    resolution: upsample images to resolution x resolution (bilinear) before encoding, None keeps them;
-    val_fraction: share of each class held out for validation (stratified, seeded by ``seed``);
-    feature_net: train the domain feature network of the ``fd_digits`` metric beside the shards (default:
-    for the digits source only; its held-out accuracy goes into meta.json).
-    Refuses (ConfigError on ``out_dir``) a folder that already holds meta.json or .tar files.
+    source: ``digits``, ``imagefolder:<dir>`` (or an ImageSource object); encoder: ``identity``,
+    ``sd-vae-ft-ema``, ``sd-vae-ft-mse`` or ``diffusers:<folder or hub id>`` (weights from ``vae_path`` or the
+    Hugging Face cache; ``latent`` = ``sample`` or ``mean`` of the posterior).
+    resolution: imagefolder: the ADM centre-crop size (required); array sources: upsample to
+        resolution x resolution (bilinear) before encoding, None keeps them.
+    samples_per_shard / shard_size_mb: shard size as a count (default 100) or in MiB (one of the two).
+    flip: also write a horizontally flipped copy of every training image (next to it, key ``<row>-flip``).
+    normalizer: ``encoder`` (its published scaling, 0.18215 for SD-VAE) or ``channel-stats`` (per-channel
+        mean and std of ``stats_images`` training images).
+    val_fraction: share of each class held out for validation (stratified, seeded by ``seed``).
+    resume: continue an unfinished build in ``out_dir`` (same arguments); finished shards are kept.
+    batch_size: images per encoder call; workers: processes decoding image files (default: 0 for array
+    sources, min(8, cores) for files); device: where the encoder runs (default cuda:LOCAL_RANK if available).
+    feature_net: train the domain feature network of the ``fd_digits`` metric beside the shards (default: for
+    the digits source; in-memory sources only), its held-out accuracy in meta.json.
+    Under torchrun every rank writes its share of the shards and rank 0 writes meta.json.
+    Refuses (ConfigError on ``out_dir``) a finished build, and an unfinished one unless ``resume``.
     """
-    parse_source(source)
-    enc = build_encoder(encoder)
+    # ---- every check first: nothing is read or written before they pass -------------------------------
+    if isinstance(source, str):
+        parse_source(source)
+    check_choice("normalizer", normalizer, NORMALIZERS)
     if resolution is not None:
         check_number("resolution", resolution, low=1, integer=True)
-    check_number("samples_per_shard", samples_per_shard, low=1, integer=True)
     check_number("val_fraction", val_fraction, low=0, high=1, low_inclusive=False, high_inclusive=False)
     check_number("seed", seed, low=0, integer=True)
+    check_number("stats_images", stats_images, low=2, integer=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    if workers is not None:
+        check_number("workers", workers, low=0, integer=True)
     out = Path(out_dir)
-    _refuse_existing(out)
-
-    data = load_source(source)
-    n, c, h, w = data.images.shape
-    if resolution is not None and resolution < max(h, w):
+    group = BuildGroup()
+    if device is None:
+        device = f"cuda:{group.local_rank}" if torch.cuda.is_available() else "cpu"
+    _check_device(device)
+    _check_out_dir(out, resume)
+    enc = build_encoder(encoder, path=vae_path, latent=latent, device=device)
+    data = load_source(source, resolution) if isinstance(source, str) else source
+    spec = source if isinstance(source, str) else data.description.get("name", type(data).__name__)
+    c, h, w = data.image_shape
+    if isinstance(data, ArraySource) and resolution is not None and resolution < max(h, w):
         raise ConfigError("resolution", resolution, f"must be >= the source's image side ({h}x{w}); "
                           "only upsampling is offered")
+    side = resolution if isinstance(data, ArraySource) else None
+    if feature_net is None:
+        feature_net = spec == "digits"
+    if feature_net and not isinstance(data, ArraySource):
+        raise ConfigError("feature_net", True, "the fd_digits network trains on small in-memory image sets such "
+                          "as digits; image folders are scored with Inception (FIDCallback feature: inception)")
+    image_shape = list(_image_shape(data, side))
+    latent_shape = list(enc.latent_shape(image_shape))
+    per_shard = _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip)
     num_classes = len(data.class_names)
     train_rows, val_rows = _split(data.labels, num_classes, val_fraction, seed)
-    side = resolution
-    image_shape = [c, side, side] if side is not None else [c, h, w]
-    upsampled = side is not None and (side, side) != (h, w)
+    rows = {"train": train_rows, "val": val_rows}
+    images_per_shard = {"train": per_shard // 2 if flip else per_shard, "val": per_shard}
+    num_shards = {s: math.ceil(len(rows[s]) / images_per_shard[s]) for s in SPLITS}
+    if workers is None:
+        workers = 0 if isinstance(data, ArraySource) else min(8, os.cpu_count() or 1)
+    encode = _Encoder(enc, side, int(batch_size))
+    args = {"source": spec, "encoder": enc.describe()["name"], "resolution": resolution, "samples_per_shard": per_shard,
+            "flip": bool(flip), "val_fraction": float(val_fraction), "seed": int(seed), "normalizer": normalizer,
+            "stats_images": int(stats_images) if normalizer == "channel-stats" else None,
+            "latent": getattr(enc, "latent", None)}
 
-    latents = {split: _encode(data.images[rows], enc, side) for split, rows in zip(SPLITS, (train_rows, val_rows))}
-    normalizer = enc.fit_normalizer(latents["train"])  # statistics from the training split only
-    latent_shape = list(latents["train"].shape[1:])
+    with group:
+        group.barrier()  # every rank has checked out_dir before rank 0 writes the plan into it
 
-    out.mkdir(parents=True, exist_ok=True)
-    num_shards = {}
-    for split, rows in zip(SPLITS, (train_rows, val_rows)):
-        num_shards[split] = _write_split(out, split, rows, normalizer.normalize(latents[split]),
-                                         data.labels[rows], int(samples_per_shard), progress)
+        def make_plan() -> tuple[dict, list]:
+            """The plan (new, or the unfinished build's after checking it matches) and the shards still to write.
+            Both come from rank 0 alone: a rank that lists the folder itself might already see shards that a
+            faster rank has just finished, and the ranks would deal different lists."""
+            plan_path = out / BUILD_DIR / PLAN_FILE
+            if plan_path.is_file():  # resuming: the same arguments and listing, the recorded normaliser
+                plan = json.loads(plan_path.read_text())
+                for key, value in args.items():
+                    if plan["args"].get(key) != value:
+                        raise ConfigError(key, value, f"the unfinished build in {out} used {plan['args'].get(key)!r}; "
+                                          "resume it with the same arguments")
+                if plan["fingerprint"] != data.fingerprint():
+                    raise ConfigError("source", spec, f"is not what the unfinished build in {out} started from (its "
+                                      "listing or images changed); build into a new folder")
+            else:
+                (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+                norm, fit = _fit_normalizer(normalizer, encode, data, train_rows[:stats_images], seed, workers)
+                plan = {"args": args, "fingerprint": data.fingerprint(), "normalizer": norm.to_dict(),
+                        "normalizer_fit": fit, "num_shards": num_shards, "mtime": int(time.time())}
+                _write_json(plan_path, plan)
+            done = set(_existing_build(out)[0])
+            return plan, [(s, i) for s in SPLITS for i in range(num_shards[s]) if _shard_name(s, i) not in done]
 
-    if feature_net is None:
-        feature_net = parse_source(source)[0] == "digits"
-    feature_info = _train_feature_net(out, data, train_rows, val_rows, side, num_classes, seed) if feature_net else None
+        plan, todo = group.on_rank0(make_plan)
+        norm = LatentNormalizer.from_dict(plan["normalizer"])
+        mine = todo[group.rank::group.world_size]  # dealt round-robin: ranks get equal shares, resumed or not
+        shard_rows = {(s, i): rows[s][i * images_per_shard[s]:(i + 1) * images_per_shard[s]] for s, i in mine}
+        stream = _read(data, [r for key in mine for r in shard_rows[key]], workers)
+        total = sum(len(shard_rows[k]) for k in mine)
+        with tqdm(total=total, desc=f"encoding {len(mine)} shard(s)", unit="image",
+                  disable=not progress or group.rank != 0) as bar:
+            for split, index in mine:
+                items = [next(stream) for _ in shard_rows[(split, index)]]
+                _write_shard(out, split, index, items, encode, norm, flip and split == "train", seed, data,
+                             plan["mtime"])
+                bar.update(len(items))
+        stream.close()  # shuts the reader's worker processes down
+        group.barrier()  # every shard is closed
 
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "source": source,
-        "source_description": data.description,
-        "encoder": enc.describe(),
-        "normalizer": normalizer.to_dict(),
-        "latent_shape": latent_shape,
-        "image_shape": image_shape,
-        "source_image_shape": [c, h, w],
-        "resolution": image_shape[-1],
-        "upsampled": upsampled,
-        "resize": "bilinear, align_corners=False" if upsampled else None,
-        "num_classes": num_classes,
-        "class_names": list(data.class_names),
-        "num_samples": {"train": int(len(train_rows)), "val": int(len(val_rows))},
-        "num_shards": num_shards,
-        "samples_per_shard": int(samples_per_shard),
-        "dtype": "float16",
-        "keys": "row of the image in the source, 8 digits",
-        "split": "stratified by class (sklearn train_test_split)",
-        "val_fraction": float(val_fraction),
-        "seed": int(seed),
-        "igdit_version": _igdit_version(),
-        "feature_net": feature_info,
-    }
-    # meta.json last, and atomically: a folder without it is an unfinished build.
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / META_FILE)
-    return meta
+        def write_meta() -> dict:
+            missing = [_shard_name(s, i) for s in SPLITS for i in range(num_shards[s])
+                       if not (out / _shard_name(s, i)).is_file()]
+            if missing:
+                raise RuntimeError(f"{len(missing)} shard(s) missing after the build, e.g. {missing[0]}")
+            records = {s: [json.loads((out / BUILD_DIR / f"{s}-{i:06d}.json").read_text())
+                           for i in range(num_shards[s])] for s in SPLITS}
+            skipped = [s for split in SPLITS for r in records[split] for s in r["skipped"]]
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "source": spec,
+                "source_description": data.description,
+                "encoder": enc.describe(),
+                "normalizer": plan["normalizer"],
+                "normalizer_fit": plan["normalizer_fit"],
+                "latent_shape": latent_shape,
+                "image_shape": image_shape,
+                "source_image_shape": list(data.image_shape) if isinstance(data, ArraySource) else None,
+                "resolution": image_shape[-1],
+                "upsampled": side is not None and (side, side) != (h, w),
+                "resize": ("bilinear, align_corners=False" if side is not None and (side, side) != (h, w) else None)
+                          if isinstance(data, ArraySource) else "ADM center crop (BOX halving, BICUBIC, centre crop)",
+                "num_classes": num_classes,
+                "class_names": list(data.class_names),
+                "num_samples": {s: sum(r["samples"] for r in records[s]) for s in SPLITS},
+                "num_images": {s: sum(r["images"] for r in records[s]) for s in SPLITS},
+                "num_shards": num_shards,
+                "shard_samples": {s: [r["samples"] for r in records[s]] for s in SPLITS},
+                "samples_per_shard": per_shard,
+                "flip": bool(flip),
+                "skipped_images": {"count": len(skipped), "first": skipped[:100]},
+                "dtype": "float16",
+                "keys": "row of the image in the source listing, 8 digits; '-flip' marks a mirrored copy",
+                "split": "stratified by class (sklearn train_test_split)",
+                "val_fraction": float(val_fraction),
+                "seed": int(seed),
+                "igdit_version": _igdit_version(),
+                "feature_net": (_train_feature_net(out, data, train_rows, val_rows, side, num_classes, seed)
+                                if feature_net else None),
+            }
+            # meta.json last, and atomically: a folder without it is an unfinished build.
+            _write_json(out / META_FILE, meta)
+            return meta
+
+        return group.on_rank0(write_meta)
 
 
 def load_meta(root) -> dict:
@@ -202,7 +448,7 @@ def load_meta(root) -> dict:
     if not path.is_file():
         if any(Path(root).glob("*.tar")):
             raise ConfigError("data.root", str(root), f"holds shards but no {META_FILE} (an unfinished build); "
-                              f"remove them yourself and {build}")
+                              "finish it with `igdit data build ... --resume` (same arguments)")
         raise ConfigError("data.root", str(root), f"has no {META_FILE}; {build}")
     try:
         meta = json.loads(path.read_text())

@@ -1,0 +1,31 @@
+"""`python -m igdit.bench --only data` rewrites its own sections of BENCHMARKS.md and keeps the others."""
+from igdit.bench import SIT_XL2_SAMPLES_PER_GPU, _merge_sections, data_sections
+
+
+def _sections(rate: float) -> list[str]:
+    stream = {"workers": {n: {"samples_per_sec": rate, "per_worker": rate / n, "min": rate, "max": rate}
+                          for n in (1, 2)},
+              "batch": 256, "batches": 10, "samples": 1000, "per_shard": 100, "shard_mib": 1.0,
+              "sample_shape": (4, 32, 32), "rounds": 3}
+    encode = {"crop_images_per_sec": 100.0, "crop_images": 8, "sd_vae_images_per_sec": 0.5, "sd_vae_batch": 2,
+              "sd_vae_encode_gflops": 272.7, "tiny_vae_images_per_sec": 50.0, "tiny_vae_batch": 16}
+    return ["## Data throughput\n\nmeasured today\n"] + data_sections(stream, encode)
+
+
+def test_data_sections_replace_their_old_numbers_and_keep_every_other_section():
+    report = ("# Benchmarks\n\nMeasured by make bench.\n\n## Exit head cost (target: <= 1%)\n\nratio 1.0165\n\n"
+              "## Default run (targets: ...)\n\n| training time | 438 s |\n")
+    first = _merge_sections(report, _sections(5_000.0))
+    assert "ratio 1.0165" in first and "| training time | 438 s |" in first
+    assert "| 1 | 5,000 (5,000-5,000) | 5,000 |" in first
+    second = _merge_sections(first, _sections(9_000.0))
+    assert "| 1 | 9,000 (9,000-9,000) | 9,000 |" in second and "5,000" not in second
+    for title in ("## Data throughput", "## Streaming latents", "## Encoding for `igdit data build`", "## Exit head"):
+        assert second.count(title) == 1
+    assert second == _merge_sections(second, _sections(9_000.0))
+
+
+def test_the_consumption_figure_is_the_flops_bound_and_the_ratio_uses_it():
+    assert round(SIT_XL2_SAMPLES_PER_GPU) == round(989e12 * 0.5 / (3 * 118.6e9)) == 1390
+    text = "\n".join(_sections(13_900.0))
+    assert "One worker gives **10.0x** the assumed consumption" in text and "needs 2 workers per GPU" in text

@@ -1,7 +1,6 @@
 """Lightning callbacks: the end-of-run sample grid, training throughput and the periodic Fréchet distance."""
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import RunningStage
 
 from igdit.config import ConfigError, check_choice, check_number
+from igdit.data.encoders import decode_latents
 from igdit.guidance import Denoiser, GuidanceRule
 from igdit.images import image_grid, save_png, to_uint8
 from igdit.samplers import euler_ode
@@ -46,27 +46,6 @@ class SamplesThroughput(ThroughputMonitor):
                 and RunningStage.TRAINING in self._t0s:
             self._t0s[RunningStage.TRAINING] += time.perf_counter() - last
         self._last_val_batch_end = None
-
-
-def decode_latents(latents: torch.Tensor, meta: Optional[dict]) -> torch.Tensor:
-    """(N, c, h, w) normalised latents -> (N, C, H, W) images in [-1, 1], with the shards' own normaliser
-    and encoder (identity for pixel-space data, an SD-VAE for ImageNet latents), so encode and decode cannot
-    disagree."""
-    if meta is None:
-        return latents
-    from igdit.data.encoders import LatentNormalizer
-
-    normalizer = LatentNormalizer.from_dict(meta["normalizer"])
-    return _decoder(json.dumps(meta["encoder"], sort_keys=True)).decode(normalizer.denormalize(latents))
-
-
-@functools.lru_cache(maxsize=4)
-def _decoder(description: str):
-    """One encoder object per description (name, weights folder, latent mode): an SD-VAE is loaded once, not
-    once per batch of samples."""
-    from igdit.data.encoders import build_encoder
-
-    return build_encoder(json.loads(description))
 
 
 @torch.no_grad()
@@ -193,7 +172,7 @@ class FIDCallback(pl.Callback):
         if self.labels == "balanced" and self.num_samples % pl_module.num_classes:
             raise ConfigError(f"{f}.num_samples", self.num_samples,
                               f"labels: balanced needs a multiple of the {pl_module.num_classes} classes")
-        self._check_monitors(trainer)
+        self._check_monitors(trainer, stage)
         datamodule = trainer.datamodule
         root = getattr(datamodule, "root", None)
         self.evaluator = FrechetEvaluator(self.feature, root, self.inception_weights, self.allow_download,
@@ -215,16 +194,25 @@ class FIDCallback(pl.Callback):
                 "fid/reference_samples": self.evaluator.reference.n, "fid/seed": self.seed,
                 "fid/settings": json.dumps({k: v.describe() for k, v in self.settings.items()})})
 
-    def _check_monitors(self, trainer) -> None:
+    def _check_monitors(self, trainer, stage: str) -> None:
+        """A ModelCheckpoint may monitor only what this callback logs, and (when fitting) needs the value in
+        every validation pass: Lightning stops with an error at a pass where the monitored key is missing."""
         from igdit.metrics.features import METRIC_NAMES
 
         ours = {f"{self.metric_name}/{name}" for name in self.settings}
         if self.feature == "inception" and self.inception_score:
             ours |= {f"is/{name}" for name in self.settings}
+        interval = getattr(trainer, "val_check_interval", None)
         for checkpoint in trainer.checkpoint_callbacks:
             monitor = getattr(checkpoint, "monitor", None) or ""
             if monitor.split("/")[0] in (*METRIC_NAMES.values(), "is") and monitor not in ours:
                 raise ConfigError("ModelCheckpoint.monitor", monitor, "FIDCallback logs " + ", ".join(sorted(ours)))
+            if monitor in ours and stage == "fit" and self.every_n_steps is not None and (
+                    not isinstance(interval, int) or self.every_n_steps > interval):
+                raise ConfigError("FIDCallback.every_n_steps", self.every_n_steps,
+                                  f"a ModelCheckpoint monitors {monitor}, so FID must run in every validation pass: "
+                                  f"set trainer.val_check_interval to {self.every_n_steps} (now {interval}) or "
+                                  "every_n_steps to null")
 
     # ---- evaluation --------------------------------------------------------------------------------
     def _due(self, trainer) -> bool:

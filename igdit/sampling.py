@@ -72,7 +72,7 @@ def image_batches(module, denoiser: Denoiser, sampler: str, steps: int, indices:
     """
     from tqdm import tqdm
 
-    from igdit.callbacks import decode_latents
+    from igdit.data.encoders import decode_latents
     from igdit.images import to_uint8
 
     device = next(module.backbone.parameters()).device

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning.pytorch as pl
 import yaml
 
 from igdit.config import ConfigError, check_choice, check_number
@@ -125,6 +126,7 @@ class SweepSpec:
     timeout: Optional[float] = None
     checkpoint: Optional[str] = None
     setting: str = "none"
+    metric: Optional[str] = None
     evaluation: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     constraints: list[tuple[str, str, str]] = field(default_factory=list)
@@ -214,7 +216,8 @@ class SweepSpec:
 
         objective = raw.get("objective") or {}
         if not isinstance(objective, dict) or set(objective) - {"setting", "metric"}:
-            raise ConfigError("objective", objective, "expected {setting: <FIDCallback setting name>}")
+            raise ConfigError("objective", objective, "expected {setting: <FIDCallback setting name>, metric: "
+                                                      "<what the callback logs: fd_digits, fid or is>}")
         setting = objective.get("setting", "none")
         evaluation = dict(raw.get("evaluation") or {})
         for key in evaluation:
@@ -240,10 +243,22 @@ class SweepSpec:
             raise ConfigError("mlflow", mlflow, "expected {experiment: <name>, tracking_uri: <uri or null>}")
         spec = cls(path=str(path), name=name, kind=kind, base=base, search_space=params, storage=storage,
                    direction=direction, sampler=sampler, pruner=pruner, n_trials=n_trials, timeout=timeout,
-                   checkpoint=checkpoint, setting=setting, evaluation=evaluation, train=train, constraints=constraints,
+                   checkpoint=checkpoint, setting=setting, metric=objective.get("metric"), evaluation=evaluation,
+                   train=train, constraints=constraints,
                    mlflow_experiment=mlflow.get("experiment", "igdit-sweeps"), tracking_uri=mlflow.get("tracking_uri"))
-        spec.evaluation_callback()  # the base experiment must hold the evaluation the objective reads
+        spec.objective_metric()  # the base experiment must hold the evaluation the objective reads
         return spec
+
+    def objective_metric(self) -> str:
+        """What a trial returns: the base FIDCallback's Fréchet distance (``fd_digits`` or ``fid``, the default)
+        or, on Inception features, its Inception Score (``is``; study.direction maximize)."""
+        callback = self.evaluation_callback()
+        allowed = [callback.metric_name] + (["is"] if callback.feature == "inception" and callback.inception_score
+                                            else [])
+        metric = self.metric or callback.metric_name
+        if metric not in allowed:
+            raise ConfigError("objective.metric", metric, "the base FIDCallback logs " + ", ".join(allowed))
+        return metric
 
     def evaluation_callback(self):
         """The FIDCallback every trial is scored with: the base experiment's, with ``evaluation`` put in. A
@@ -452,7 +467,8 @@ class SamplingObjective:
                                                callback.batch_size, callback.reference_max_samples,
                                                callback.cache_reference)
         warn_if_singular(callback.num_samples, self.evaluator.num_features, "evaluation.num_samples")
-        self.metric = f"{self.evaluator.metric_name}/{self.setting_name}"
+        self.value_key = "is" if spec.objective_metric() == "is" else "fd"
+        self.metric = f"{spec.objective_metric()}/{self.setting_name}"
 
     def _data_root(self) -> str:
         base = yaml.safe_load(Path(self.spec.base).read_text()) or {}
@@ -483,38 +499,32 @@ class SamplingObjective:
         trial.set_user_attr("nfe", result["nfe"])
         trial.set_user_attr("seconds", round(result["seconds"], 2))
         trial.set_user_attr("num_samples", result["num_samples"])
-        return result["fd"]
+        return result[self.value_key]
 
 
-class OptunaPruning:
+class OptunaPruning(pl.Callback):
     """Reports the FIDCallback's value to the trial after each of its evaluations (step = global step, not
     epoch: optuna-integration's Lightning callback reports per epoch) and stops a trial the pruner rejects."""
 
-    def __new__(cls, *args, **kwargs):  # a Lightning Callback, imported lazily with Lightning
-        import lightning.pytorch as pl
+    def __init__(self, trial, monitor: str):
+        self.trial, self.monitor = trial, monitor
+        self.last_value: Optional[float] = None
 
-        class _OptunaPruning(pl.Callback):
-            def __init__(self, trial, monitor: str):
-                self.trial, self.monitor = trial, monitor
-                self.last_value: Optional[float] = None
+    def on_validation_end(self, trainer, pl_module) -> None:
+        import optuna
 
-            def on_validation_end(self, trainer, pl_module) -> None:
-                import optuna
+        from igdit.callbacks import FIDCallback
 
-                from igdit.callbacks import FIDCallback
-
-                fid = next((c for c in trainer.callbacks if isinstance(c, FIDCallback)), None)
-                if trainer.sanity_checking or fid is None or fid.last_eval_step != trainer.global_step:
-                    return
-                value = trainer.callback_metrics.get(self.monitor)
-                if value is None:
-                    return
-                self.last_value = float(value)
-                self.trial.report(self.last_value, step=trainer.global_step)
-                if self.trial.should_prune():
-                    raise optuna.TrialPruned(f"{self.monitor} {self.last_value:.4g} at step {trainer.global_step}")
-
-        return _OptunaPruning(*args, **kwargs)
+        fid = next((c for c in trainer.callbacks if isinstance(c, FIDCallback)), None)
+        if trainer.sanity_checking or fid is None or fid.last_eval_step != trainer.global_step:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        self.last_value = float(value)
+        self.trial.report(self.last_value, step=trainer.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"{self.monitor} {self.last_value:.4g} at step {trainer.global_step}")
 
 
 class TrainingObjective:
@@ -522,8 +532,7 @@ class TrainingObjective:
 
     def __init__(self, spec: SweepSpec):
         self.spec = spec
-        callback = spec.evaluation_callback()
-        self.metric = f"{callback.metric_name}/{spec.setting}"
+        self.metric = f"{spec.objective_metric()}/{spec.setting}"
 
     def arguments(self, values: dict, run_id: Optional[str]) -> list[str]:
         args = ["--config", self.spec.base, *map(str, self.spec.train["overrides"]),

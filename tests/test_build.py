@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 
 from helpers import free_port
-from igdit.callbacks import decode_latents
+from igdit.data.encoders import decode_latents
 from igdit.config import ConfigError
 from igdit.data import (LatentDataModule, LatentNormalizer, build_dataset, build_encoder, bytes_per_sample,
                         images_to_unit, load_meta, load_source)

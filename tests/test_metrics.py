@@ -297,14 +297,15 @@ def test_the_callback_scores_whichever_module_holds_the_ema_weights():
     assert scored is module and weights == "checkpoint"
 
 
-def _setup(callback, root, exits=(2,), checkpoints=()):
+def _setup(callback, root, exits=(2,), checkpoints=(), val_check_interval=500):
     from types import SimpleNamespace
 
     from igdit.module import IGDiTModule
 
     module = IGDiTModule(exits=list(exits), exit_loss={"weight": 0.5 if exits else 0.0})
     trainer = SimpleNamespace(checkpoint_callbacks=list(checkpoints), datamodule=LatentDataModule(root=str(root)),
-                              strategy=SimpleNamespace(root_device=torch.device("cpu")), logger=None)
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")), logger=None,
+                              val_check_interval=val_check_interval)
     callback.setup(trainer, module, "fit")
     return callback
 
@@ -314,6 +315,7 @@ def _setup(callback, root, exits=(2,), checkpoints=()):
     ({"num_samples": 105}, (2,), None, "FIDCallback.num_samples"),
     ({"settings": {"none": {}, "ig": {"ig": {"scale": 2.0}}}}, (2,), "fd_digits/ig_cfg", "ModelCheckpoint.monitor"),
     ({}, (2,), "fid/none", "ModelCheckpoint.monitor"),
+    ({"every_n_steps": 1000}, (2,), "fd_digits/none", "FIDCallback.every_n_steps"),  # validation every 500
 ])
 def test_callback_checks_settings_and_monitors_before_any_compute(kwargs, exits, monitor, field, digits_root):
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -321,6 +323,8 @@ def test_callback_checks_settings_and_monitors_before_any_compute(kwargs, exits,
     from igdit.callbacks import FIDCallback
 
     checkpoints = [ModelCheckpoint(monitor=monitor)] if monitor else []
+    if field == "FIDCallback.every_n_steps":  # evaluating in every validation pass is fine
+        _setup(FIDCallback(feature="digits", every_n_steps=500), digits_root, exits, checkpoints)
     with pytest.raises(ConfigError) as err:
         _setup(FIDCallback(feature="digits", **kwargs), digits_root, exits, checkpoints)
     assert str(err.value).startswith(field + ":") and "\n" not in str(err.value)

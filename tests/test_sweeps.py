@@ -199,6 +199,7 @@ def test_an_interrupted_sweep_resumes_and_redoes_the_interrupted_trial(tmp_path,
     ({"evaluation": {"every_n_steps": 10}}, "evaluation.every_n_steps"),
     ({"train": {"max_steps": 10}}, "train"),
     ({"objective": {"goal": "fd"}}, "objective"),
+    ({"objective": {"setting": "ig", "metric": "is"}}, "objective.metric"),  # IS needs Inception features
     ({"sweep_name": "x"}, "sweep_name"),
 ])
 def test_an_invalid_sweep_file_gets_a_one_line_error_naming_the_field(change, field, tmp_path, digits_root, capsys):

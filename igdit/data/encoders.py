@@ -11,6 +11,8 @@ encoder for decoding.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import warnings
 from functools import partial
@@ -325,3 +327,20 @@ class LatentNormalizer:
 
     def __repr__(self) -> str:
         return f"LatentNormalizer(shift={self.shift}, scale={self.scale})"
+
+
+def decode_latents(latents: torch.Tensor, meta: Optional[dict]) -> torch.Tensor:
+    """(N, c, h, w) normalised latents -> (N, C, H, W) images in [-1, 1], with the shards' own normaliser
+    and encoder (identity for pixel-space data, an SD-VAE for ImageNet latents), so encode and decode cannot
+    disagree."""
+    if meta is None:
+        return latents
+    normalizer = LatentNormalizer.from_dict(meta["normalizer"])
+    return _decoder(json.dumps(meta["encoder"], sort_keys=True)).decode(normalizer.denormalize(latents))
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(description: str):
+    """One encoder object per description (name, weights folder, latent mode): an SD-VAE is loaded once, not
+    once per batch of samples."""
+    return build_encoder(json.loads(description))

@@ -33,7 +33,7 @@ def real_image_batches(datamodule, split: str, batch_size: int, rank: int = 0, w
                        max_samples: Optional[int] = None) -> Iterator[torch.Tensor]:
     """uint8 images (B, C, H, W) of this rank's share of a split's shards, decoded with the shards' own
     encoder and normaliser; at most ceil(max_samples / world_size) of them on each rank."""
-    from igdit.callbacks import decode_latents
+    from igdit.data.encoders import decode_latents
     from igdit.images import to_uint8
 
     limit = None if max_samples is None else -(-max_samples // world_size)

@@ -130,7 +130,8 @@ class FrechetEvaluator:
     # ---- scoring -----------------------------------------------------------------------------------
     def score(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
         """Stream generated uint8 images (B, C, H, W); returns {"fd": distance, "num_samples": n over all
-        ranks, and "is"/"is_std" with the Inception Score}. Fake statistics are reset afterwards."""
+        ranks, and "is"/"is_std" with the Inception Score}. The real statistics stay; the generated ones are
+        reset first, so a score never mixes in an earlier (or interrupted) one."""
         if self.reference is None:
             raise RuntimeError("set the reference statistics first (use_reference / reference_from_data)")
         self.fid.reset()
@@ -148,7 +149,6 @@ class FrechetEvaluator:
         if self.inception_score is not None:
             mean, std = self.inception_score.compute()
             result["is"], result["is_std"] = float(mean), float(std)
-        self.fid.reset()
         return result
 
 

@@ -160,8 +160,7 @@ class FIDCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage not in ("fit", "validate"):
             return
-        from igdit.metrics.evaluate import FrechetEvaluator
-        from igdit.metrics.fid import ReferenceStats, warn_if_singular
+        from igdit.metrics.fid import warn_if_singular
 
         f = "FIDCallback"
         exits = list(getattr(pl_module.backbone, "exit_indices", ()))
@@ -173,26 +172,34 @@ class FIDCallback(pl.Callback):
             raise ConfigError(f"{f}.num_samples", self.num_samples,
                               f"labels: balanced needs a multiple of the {pl_module.num_classes} classes")
         self._check_monitors(trainer, stage)
-        datamodule = trainer.datamodule
-        root = getattr(datamodule, "root", None)
-        self.evaluator = FrechetEvaluator(self.feature, root, self.inception_weights, self.allow_download,
-                                          self.inception_score, f"{f}.feature", f"{f}.inception_weights",
-                                          ).to(trainer.strategy.root_device)
+        self.evaluator = self.build_evaluator(trainer.datamodule, trainer.strategy.root_device)
         warn_if_singular(self.num_samples, self.evaluator.num_features, f"{f}.num_samples")
-        if self.reference.endswith(".npz"):
-            self.evaluator.use_reference(ReferenceStats.load(self.reference, self.evaluator.num_features,
-                                                             self.feature, f"{f}.reference"))
-        else:
-            if not hasattr(datamodule, "latent_batches"):
-                raise ConfigError(f"{f}.reference", self.reference, "needs igdit's LatentDataModule; pass an .npz")
-            self.evaluator.reference_from_data(datamodule, self.reference, self.batch_size,
-                                               self.reference_max_samples, self.cache_reference)
         if trainer.logger is not None:
             trainer.logger.log_hyperparams({
                 "fid/metric": self.metric_name, "fid/num_samples": self.num_samples, "fid/sampler": self.sampler,
                 "fid/steps": self.steps, "fid/labels": self.labels, "fid/reference": self.reference,
                 "fid/reference_samples": self.evaluator.reference.n, "fid/seed": self.seed,
                 "fid/settings": json.dumps({k: v.describe() for k, v in self.settings.items()})})
+
+    def build_evaluator(self, datamodule, device):
+        """This callback's feature network and reference statistics, ready to score on ``device`` (a sampling
+        sweep builds its trials' evaluator here too). datamodule: the LatentDataModule of the shards."""
+        from igdit.metrics.evaluate import FrechetEvaluator
+        from igdit.metrics.fid import ReferenceStats
+
+        f = "FIDCallback"
+        evaluator = FrechetEvaluator(self.feature, getattr(datamodule, "root", None), self.inception_weights,
+                                     self.allow_download, self.inception_score, f"{f}.feature",
+                                     f"{f}.inception_weights").to(device)
+        if self.reference.endswith(".npz"):
+            evaluator.use_reference(ReferenceStats.load(self.reference, evaluator.num_features, self.feature,
+                                                        f"{f}.reference"))
+        elif not hasattr(datamodule, "latent_batches"):
+            raise ConfigError(f"{f}.reference", self.reference, "needs igdit's LatentDataModule; pass an .npz")
+        else:
+            evaluator.reference_from_data(datamodule, self.reference, self.batch_size, self.reference_max_samples,
+                                          self.cache_reference)
+        return evaluator
 
     def _check_monitors(self, trainer, stage: str) -> None:
         """A ModelCheckpoint may monitor only what this callback logs, and (when fitting) needs the value in

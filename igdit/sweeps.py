@@ -440,8 +440,8 @@ class SamplingObjective:
     """Scores one guidance setting per trial on a fixed checkpoint (loaded once, with the reference)."""
 
     def __init__(self, spec: SweepSpec, checkpoint: str):
-        from igdit.metrics.evaluate import FrechetEvaluator
-        from igdit.metrics.fid import ReferenceStats, warn_if_singular
+        from igdit.data import LatentDataModule
+        from igdit.metrics.fid import warn_if_singular
         from igdit.sampling import load_module
 
         import torch
@@ -453,22 +453,11 @@ class SamplingObjective:
         self.module = load_module(checkpoint, "--ckpt", device)
         if self.module.data_meta is None:
             raise ConfigError("--ckpt", checkpoint, "carries no shard meta.json, so its samples cannot be decoded")
-        data_root = self._data_root()
-        self.evaluator = FrechetEvaluator(callback.feature, data_root, callback.inception_weights,
-                                          callback.allow_download, callback.inception_score,
-                                          "base FIDCallback.feature", "base FIDCallback.inception_weights").to(device)
-        if callback.reference.endswith(".npz"):
-            self.evaluator.use_reference(ReferenceStats.load(callback.reference, self.evaluator.num_features,
-                                                             callback.feature, "base FIDCallback.reference"))
-        else:
-            from igdit.data import LatentDataModule
-
-            self.evaluator.reference_from_data(LatentDataModule(root=data_root), callback.reference,
-                                               callback.batch_size, callback.reference_max_samples,
-                                               callback.cache_reference)
+        self.evaluator = callback.build_evaluator(LatentDataModule(root=self._data_root()), device)
         warn_if_singular(callback.num_samples, self.evaluator.num_features, "evaluation.num_samples")
-        self.value_key = "is" if spec.objective_metric() == "is" else "fd"
-        self.metric = f"{spec.objective_metric()}/{self.setting_name}"
+        metric = spec.objective_metric()
+        self.value_key = "is" if metric == "is" else "fd"
+        self.metric = f"{metric}/{self.setting_name}"
 
     def _data_root(self) -> str:
         base = yaml.safe_load(Path(self.spec.base).read_text()) or {}

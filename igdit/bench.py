@@ -12,6 +12,7 @@ keeping the other sections' numbers.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -42,14 +43,17 @@ def exit_head_overhead(config: str, rounds: int = 40, steps: int = 2) -> dict:
     """Median over interleaved rounds of (step time with the exit head) / (step time without it)."""
     import yaml
 
-    from igdit.module import IGDiTModule
+    from igdit.module import build_module
 
     model_args = yaml.safe_load(Path(config).read_text())["model"]
     batch = yaml.safe_load(Path(config).read_text())["data"]["batch_size"]
     torch.manual_seed(0)
-    with_exit = IGDiTModule(**model_args)
+    with_exit = build_module(model_args)
     torch.manual_seed(0)
-    without = IGDiTModule(**{**model_args, "exits": [], "exit_loss": {**model_args.get("exit_loss", {}), "weight": 0.0}})
+    plain = copy.deepcopy(model_args)
+    plain["backbone"]["init_args"]["exits"] = []
+    plain["terms"] = {"diffusion": model_args["terms"]["diffusion"]}
+    without = build_module(plain)
     shape = with_exit.latent_shape
     x, y = torch.randn(batch, *shape), torch.randint(0, with_exit.num_classes, (batch,))
     variants = {"with_exit": with_exit, "without_exit": without}
@@ -79,22 +83,22 @@ def sampling_cost(config: str, rounds: int = 5, steps: int = 50, batch: int = 10
     interleaved over rounds; ratios against the unguided run (median over rounds)."""
     import yaml
 
-    from igdit.guidance import Denoiser, GuidanceRule
-    from igdit.module import IGDiTModule
-    from igdit.samplers import euler_ode
+    from igdit.guidance import ClassifierFreeGuidance, Denoiser, InternalGuidance
+    from igdit.module import build_module
+    from igdit.samplers import euler_ode, uniform_grid
 
     model_args = yaml.safe_load(Path(config).read_text())["model"]
     torch.manual_seed(0)
-    module = IGDiTModule(**model_args).eval()
+    module = build_module(model_args).eval()
     with torch.no_grad():
         for p in module.backbone.parameters():  # cost does not depend on the values; avoid all-zero heads
             p.add_(0.02 * torch.randn_like(p))
     settings = {
-        "none": {},
-        "ig w=2 on [0,1]": {"ig": GuidanceRule(2.0)},
-        "cfg 1.5 on [0,1]": {"cfg": GuidanceRule(1.5)},
-        "cfg 1.5 on [0,0.7]": {"cfg": GuidanceRule(1.5, (0.0, 0.7))},
-        "ig 2 + cfg 1.5 on [0,0.7]": {"ig": GuidanceRule(2.0), "cfg": GuidanceRule(1.5, (0.0, 0.7))},
+        "none": [],
+        "ig w=2 on [0,1]": [InternalGuidance(2.0)],
+        "cfg 1.5 on [0,1]": [ClassifierFreeGuidance(1.5)],
+        "cfg 1.5 on [0,0.7]": [ClassifierFreeGuidance(1.5, (0.0, 0.7))],
+        "ig 2 + cfg 1.5 on [0,0.7]": [InternalGuidance(2.0), ClassifierFreeGuidance(1.5, (0.0, 0.7))],
     }
     noise = torch.randn(batch, *module.latent_shape)
     labels = torch.randint(0, module.num_classes, (batch,))
@@ -102,9 +106,9 @@ def sampling_cost(config: str, rounds: int = 5, steps: int = 50, batch: int = 10
     counts = {}
     for _ in range(rounds):
         for name, rules in settings.items():
-            denoiser = Denoiser(module.backbone, **rules)
+            denoiser = Denoiser(module.backbone, rules)
             start = time.perf_counter()
-            _, nfe = euler_ode(denoiser, noise, labels, steps=steps)
+            _, nfe = euler_ode(denoiser, noise, labels, uniform_grid(steps))
             times[name].append(time.perf_counter() - start)
             counts[name] = (nfe, denoiser.network_rows / (nfe * batch))
     base = times["none"]
@@ -196,17 +200,17 @@ def fid_memory(config: str, data_root: str, num_samples: int) -> dict:
     code = (
         "import resource, time, yaml, torch\n"
         "from igdit.data import LatentDataModule\n"
-        "from igdit.guidance import parse_guidance_settings\n"
+        "from igdit.generation import Sampling\n"
         "from igdit.metrics import FrechetEvaluator, evaluate_settings\n"
-        "from igdit.module import IGDiTModule\n"
-        f"model = IGDiTModule(**yaml.safe_load(open({config!r}))['model'])\n"
+        "from igdit.module import build_module\n"
+        f"model = build_module(yaml.safe_load(open({config!r}))['model'])\n"
         f"dm = LatentDataModule(root={data_root!r})\n"
         "model.data_meta = dm.meta\n"
-        f"ev = FrechetEvaluator('digits', {data_root!r})\n"
+        "ev = FrechetEvaluator('digits', dm)\n"
         "ev.reference_from_data(dm, 'train')\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "start = time.perf_counter()\n"
-        f"res, _ = evaluate_settings(model, parse_guidance_settings({{'none': {{}}}}, 's'), ev, {num_samples}, 'euler', 2)\n"
+        f"res, _ = evaluate_settings(model, {{'none': []}}, ev, {num_samples}, Sampling('euler', 2))\n"
         "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start, res['none']['num_samples'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -4,19 +4,22 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from lightning.pytorch.callbacks import ThroughputMonitor, WeightAveraging
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import RunningStage
 
-from igdit.config import ConfigError, check_choice, check_number
-from igdit.data.encoders import decode_latents
-from igdit.guidance import Denoiser, GuidanceRule
-from igdit.images import image_grid, save_png, to_uint8
-from igdit.samplers import euler_ode
+from igdit.config import ConfigError
+from igdit.generation import Sampling, class_grid
+from igdit.guidance import Denoiser, InternalGuidance, describe, parse_settings
+from igdit.images import image_grid, save_grid, save_png
+from igdit.metrics.evaluate import FrechetEvaluator, check_reference, evaluate_settings
+from igdit.metrics.features import METRIC_NAMES
+from igdit.metrics.fid import ReferenceStats, warn_if_singular
 from igdit.tracking import run_directory
 
 
@@ -48,31 +51,6 @@ class SamplesThroughput(ThroughputMonitor):
         self._last_val_batch_end = None
 
 
-@torch.no_grad()
-def sample_class_grid(module, samples_per_class: int, steps: int, ig_scale: float, seed: int = 0):
-    """Generate the same noise for every class twice: final head alone, and with Internal Guidance.
-
-    Returns (without_ig, with_ig, nfe), each (num_classes, samples_per_class, C, H, W) uint8.
-    """
-    backbone = module.backbone
-    k, n_cls = samples_per_class, module.num_classes
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n_cls * k, *module.latent_shape), generator=generator).to(module.device)
-    labels = torch.arange(n_cls, device=module.device).repeat_interleave(k)
-    dtype = next(backbone.parameters()).dtype
-    was_training = backbone.training
-    backbone.eval()
-    results, nfe = [], 0
-    for scale in (1.0, ig_scale):
-        denoiser = Denoiser(backbone, ig=GuidanceRule(scale=scale))
-        latents, n = euler_ode(denoiser, noise, labels, steps=steps, model_dtype=dtype)
-        nfe += n
-        images = to_uint8(decode_latents(latents.float().cpu(), module.data_meta))
-        results.append(images.reshape(n_cls, k, *images.shape[1:]))
-    backbone.train(was_training)
-    return results[0], results[1], nfe
-
-
 class SampleGrid(pl.Callback):
     """At the end of fit, samples one row per class with and without Internal Guidance (same noise).
 
@@ -81,23 +59,25 @@ class SampleGrid(pl.Callback):
     samples_per_class: images per class on each side; steps: Euler steps; ig_scale: w of the IG side.
     """
 
-    def __init__(self, samples_per_class: int = 8, steps: int = 50, ig_scale: float = 2.0, seed: int = 0,
-                 filename: str = "samples.png"):
-        self.samples_per_class = check_number("SampleGrid.samples_per_class", samples_per_class, low=1, integer=True)
-        self.steps = check_number("SampleGrid.steps", steps, low=1, integer=True)
-        self.ig_scale = check_number("SampleGrid.ig_scale", ig_scale, low=0)
+    def __init__(self, samples_per_class: PositiveInt = 8, steps: PositiveInt = 50, ig_scale: NonNegativeFloat = 2.0,
+                 seed: NonNegativeInt = 0, filename: str = "samples.png"):
+        self.samples_per_class, self.steps, self.ig_scale = samples_per_class, steps, ig_scale
         self.seed, self.filename = seed, filename
         self.path: Optional[Path] = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not pl_module.backbone.exit_indices and self.ig_scale != 1.0:
-            raise ValueError("SampleGrid.ig_scale needs an exit head; model.exits is empty")
+            raise ConfigError("SampleGrid.ig_scale", self.ig_scale, "needs an exit head and model.backbone.exits is "
+                                                                    "empty (1 turns the IG side off)")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        plain, guided, _ = sample_class_grid(pl_module, self.samples_per_class, self.steps, self.ig_scale, self.seed)
-        self.path = save_png(image_grid([plain, guided]), run_directory(trainer) / self.filename)
+        sampling = Sampling("euler", self.steps)
+        blocks = class_grid(pl_module, self.samples_per_class, sampling,
+                            [[], [InternalGuidance(self.ig_scale)]], self.seed)
+        self.path = save_png(image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1])),
+                             run_directory(trainer) / self.filename)
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(self.path))
@@ -114,43 +94,39 @@ class FIDCallback(pl.Callback):
     of those names. EMAWeightAveraging swaps the averaged weights in for validation; this callback scores
     them whatever the order of the two in ``trainer.callbacks``, and records which weights it scored.
 
-    settings: {name: {ig: {scale, interval}, cfg: {scale, interval}}} (t = 1 is noise, intervals inclusive).
-    feature: "digits" (the network `igdit data build` trains beside the digits shards) or "inception".
+    settings: {name: {rule: {fields}}}, rules by key (``ig``, ``cfg``, ``ag``) or import path, e.g.
+        ``ig_cfg: {ig: {scale: 2.0}, cfg: {scale: 1.5, interval: [0.0, 0.7]}}`` (t = 1 is noise, intervals
+        inclusive); ``{}`` is the unguided model.
+    feature: "digits" (a small network trained on the data set's own images, cached beside the shards) or
+        "inception".
     reference: "train" or "val" (the shards, decoded; statistics cached under <root>/fid_refs/) or an .npz
         with mu and sigma (e.g. the ADM suite's reference batch); reference_max_samples caps a split.
     labels: "balanced" (num_samples / classes each) or "random".
+    sampler, steps, schedule: as `igdit sample` (schedule None: the sampler's default grid).
     """
 
-    def __init__(self, settings: Optional[dict] = None, num_samples: int = 10_000, every_n_steps: Optional[int] = None,
-                 sampler: str = "euler", steps: int = 50, labels: str = "balanced", feature: str = "inception",
-                 reference: str = "train", reference_max_samples: Optional[int] = 50_000, cache_reference: bool = True,
-                 inception_weights: Optional[str] = None, allow_download: bool = False, inception_score: bool = True,
-                 batch_size: int = 250, seed: int = 0, grid_size: int = 100):
-        from igdit.guidance import parse_guidance_settings
-        from igdit.metrics.evaluate import check_reference
-        from igdit.metrics.features import FEATURE_KINDS, METRIC_NAMES
-        from igdit.samplers import SAMPLERS
-        from igdit.sampling import LABEL_MODES
-
+    def __init__(self, settings: Optional[dict] = None, num_samples: PositiveInt = 10_000,
+                 every_n_steps: Optional[PositiveInt] = None, sampler: Literal["euler", "heun", "sde"] = "euler",
+                 steps: PositiveInt = 50, schedule: Optional[Literal["uniform", "sde", "shifted"]] = None,
+                 labels: Literal["balanced", "random"] = "balanced", feature: Literal["digits", "inception"] = "inception",
+                 reference: str = "train", reference_max_samples: Optional[PositiveInt] = 50_000,
+                 cache_reference: bool = True, inception_weights: Optional[str] = None, allow_download: bool = False,
+                 inception_score: bool = True, batch_size: PositiveInt = 250, seed: NonNegativeInt = 0,
+                 grid_size: NonNegativeInt = 100):
         f = "FIDCallback"
-        self.settings = parse_guidance_settings({"none": {}} if settings is None else settings, f"{f}.settings")
-        self.num_samples = check_number(f"{f}.num_samples", num_samples, low=2, integer=True)
-        if every_n_steps is not None:
-            check_number(f"{f}.every_n_steps", every_n_steps, low=1, integer=True)
-        self.every_n_steps = every_n_steps
-        self.sampler = check_choice(f"{f}.sampler", sampler, SAMPLERS)
-        self.steps = check_number(f"{f}.steps", steps, low=2 if sampler == "sde" else 1, integer=True)
-        self.labels = check_choice(f"{f}.labels", labels, LABEL_MODES)
-        self.feature = check_choice(f"{f}.feature", feature, FEATURE_KINDS)
+        self.settings = parse_settings({"none": {}} if settings is None else settings, f"{f}.settings")
+        if num_samples < 2:
+            raise ConfigError(f"{f}.num_samples", num_samples, "a Fréchet distance needs at least 2 samples")
+        if sampler == "sde" and steps < 2:
+            raise ConfigError(f"{f}.steps", steps, "the sde sampler needs at least 2 steps")
+        self.num_samples, self.every_n_steps = num_samples, every_n_steps
+        self.sampling = Sampling(sampler, steps, schedule)
+        self.labels, self.feature = labels, feature
         self.metric_name = METRIC_NAMES[feature]
         self.reference = check_reference(reference, f"{f}.reference")
-        if reference_max_samples is not None:
-            check_number(f"{f}.reference_max_samples", reference_max_samples, low=2, integer=True)
         self.reference_max_samples, self.cache_reference = reference_max_samples, cache_reference
         self.inception_weights, self.allow_download, self.inception_score = inception_weights, allow_download, inception_score
-        self.batch_size = check_number(f"{f}.batch_size", batch_size, low=1, integer=True)
-        self.seed = check_number(f"{f}.seed", seed, low=0, integer=True)
-        self.grid_size = check_number(f"{f}.grid_size", grid_size, low=0, integer=True)
+        self.batch_size, self.seed, self.grid_size = batch_size, seed, grid_size
         self.evaluator = None
         self.last_eval_step: Optional[int] = None
         self.last_results: dict[str, dict] = {}
@@ -160,14 +136,12 @@ class FIDCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage not in ("fit", "validate"):
             return
-        from igdit.metrics.fid import warn_if_singular
-
         f = "FIDCallback"
-        exits = list(getattr(pl_module.backbone, "exit_indices", ()))
-        for name, setting in self.settings.items():
-            if setting.ig.scale != 1.0 and not exits:
-                raise ConfigError(f"{f}.settings.{name}.ig.scale", setting.ig.scale,
-                                  "needs an exit head and model.exits is empty (scale 1 turns IG off)")
+        for name, rules in self.settings.items():
+            try:  # each rule checks (and loads) what it needs from the model now, before any training step
+                Denoiser(pl_module.backbone, rules)
+            except ConfigError as err:
+                raise ConfigError(f"{f}.settings.{name}.{err.field.split('.', 1)[-1]}", err.value, err.allowed) from None
         if self.labels == "balanced" and self.num_samples % pl_module.num_classes:
             raise ConfigError(f"{f}.num_samples", self.num_samples,
                               f"labels: balanced needs a multiple of the {pl_module.num_classes} classes")
@@ -176,21 +150,18 @@ class FIDCallback(pl.Callback):
         warn_if_singular(self.num_samples, self.evaluator.num_features, f"{f}.num_samples")
         if trainer.logger is not None:
             trainer.logger.log_hyperparams({
-                "fid/metric": self.metric_name, "fid/num_samples": self.num_samples, "fid/sampler": self.sampler,
-                "fid/steps": self.steps, "fid/labels": self.labels, "fid/reference": self.reference,
-                "fid/reference_samples": self.evaluator.reference.n, "fid/seed": self.seed,
-                "fid/settings": json.dumps({k: v.describe() for k, v in self.settings.items()})})
+                "fid/metric": self.metric_name, "fid/num_samples": self.num_samples,
+                **{f"fid/{k}": v for k, v in self.sampling.describe().items()}, "fid/labels": self.labels,
+                "fid/reference": self.reference, "fid/reference_samples": self.evaluator.reference.n,
+                "fid/seed": self.seed, "fid/settings": json.dumps({k: describe(v) for k, v in self.settings.items()})})
 
     def build_evaluator(self, datamodule, device):
         """This callback's feature network and reference statistics, ready to score on ``device`` (a sampling
         sweep builds its trials' evaluator here too). datamodule: the LatentDataModule of the shards."""
-        from igdit.metrics.evaluate import FrechetEvaluator
-        from igdit.metrics.fid import ReferenceStats
-
         f = "FIDCallback"
-        evaluator = FrechetEvaluator(self.feature, getattr(datamodule, "root", None), self.inception_weights,
-                                     self.allow_download, self.inception_score, f"{f}.feature",
-                                     f"{f}.inception_weights").to(device)
+        data = datamodule if hasattr(datamodule, "latent_batches") else None
+        evaluator = FrechetEvaluator(self.feature, data, self.inception_weights, self.allow_download,
+                                     self.inception_score, f"{f}.feature", f"{f}.inception_weights").to(device)
         if self.reference.endswith(".npz"):
             evaluator.use_reference(ReferenceStats.load(self.reference, evaluator.num_features, self.feature,
                                                         f"{f}.reference"))
@@ -204,8 +175,6 @@ class FIDCallback(pl.Callback):
     def _check_monitors(self, trainer, stage: str) -> None:
         """A ModelCheckpoint may monitor only what this callback logs, and (when fitting) needs the value in
         every validation pass: Lightning stops with an error at a pass where the monitored key is missing."""
-        from igdit.metrics.features import METRIC_NAMES
-
         ours = {f"{self.metric_name}/{name}" for name in self.settings}
         if self.feature == "inception" and self.inception_score:
             ours |= {f"is/{name}" for name in self.settings}
@@ -232,8 +201,6 @@ class FIDCallback(pl.Callback):
 
     def _scored_module(self, trainer, pl_module):
         """The module holding the EMA weights right now, and a name for them."""
-        from lightning.pytorch.callbacks import WeightAveraging
-
         if trainer.state.fn != "fit":
             return pl_module, "checkpoint"
         for averaging in trainer.callbacks:
@@ -251,15 +218,13 @@ class FIDCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.evaluator is None or not self._due(trainer):
             return
-        from igdit.metrics.evaluate import evaluate_settings
-
         module, weights = self._scored_module(trainer, pl_module)
         if weights != self.scored_weights and trainer.logger is not None:
             trainer.logger.log_hyperparams({"fid/weights": weights})
         self.scored_weights = weights
         with trainer.precision_plugin.forward_context():
-            results, grids = evaluate_settings(module, self.settings, self.evaluator, self.num_samples, self.sampler,
-                                               self.steps, self.labels, self.seed, self.batch_size, self.grid_size)
+            results, grids = evaluate_settings(module, self.settings, self.evaluator, self.num_samples, self.sampling,
+                                               self.labels, self.seed, self.batch_size, self.grid_size)
         self.last_eval_step, self.last_results = trainer.global_step, results
         pl_module.log("eval/seconds", sum(r["seconds"] for r in results.values()), sync_dist=False)
         for name, result in results.items():
@@ -270,17 +235,11 @@ class FIDCallback(pl.Callback):
             self._save_grids(trainer, grids)
 
     def _save_grids(self, trainer, grids: dict[str, torch.Tensor]) -> None:
-        columns = 10
         for name, images in grids.items():
-            rows = len(images) // columns
-            if not rows:
-                continue
-            block = images[: rows * columns].reshape(rows, columns, *images.shape[1:])
-            upscale = max(1, 64 // images.shape[-1])
             path = run_directory(trainer) / "fid" / f"step{trainer.global_step:08d}-{name}.png"
-            if path.exists():  # an earlier evaluation of this step (e.g. igdit eval twice): keep it
+            if len(images) < 10 or path.exists():  # an earlier evaluation of this step (igdit eval twice): keep it
                 continue
-            save_png(image_grid([block], upscale=upscale), path)
+            save_grid(images, path)
             logger = trainer.logger
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="fid")

@@ -1,28 +1,36 @@
-"""Import checkpoints of the official SiT+IG code into an igdit Lightning checkpoint (METHOD.md §10).
+"""Checkpoints: reading igdit's own (safely, old layouts included) and importing the official SiT+IG ones.
 
-`igdit import-ckpt --from official-sit ckpt.pt --model SiT-XL/2 --exit 8 --out model.ckpt` reads a
-checkpoint written by the public SiT+IG `train.py` (a dict with `model`, `ema`, `opt`, `args`, `epoch`,
-`steps`) or a bare state dict (name -> tensor, as released weights often are), checks every key and shape
-against the igdit backbone before loading anything, and writes a checkpoint that
-`IGDiTModule.load_from_checkpoint` reloads. igdit's parameter names are the official ones, so no key is
-renamed. Official SiT uses the path x_t = (1 - t) x + t eps with t = 1 as noise, exactly as igdit
-(METHOD.md §2.3), so no time conversion is needed either.
+``load_module`` rebuilds an ``IGDiTModule`` from any igdit checkpoint with ``torch.load(weights_only=True)``:
+its hyper-parameters are the model's config (class_path dicts), and checkpoints written before the parts were
+injected (a backbone *name*, ``diffusion_loss`` / ``exit_loss`` / ``optimizer`` dicts) are converted on load.
+
+``import_official_sit`` reads a checkpoint written by the public SiT+IG `train.py` (a dict with `model`, `ema`,
+`opt`, `args`, `epoch`, `steps`) or a bare state dict (name -> tensor, as released weights often are), checks
+every key and shape against the igdit backbone before loading anything, and writes a checkpoint that
+``load_module`` and ``IGDiTModule.load_from_checkpoint`` reload. igdit's parameter names are the official
+ones, so no key is renamed. Official SiT uses the path x_t = (1 - t) x + t eps with t = 1 as noise, exactly
+as igdit (METHOD.md §2.3), so no time conversion is needed either.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import pickle
-import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import lightning
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from igdit.config import ConfigError
+from igdit.models import BACKBONES
+from igdit.module import build_module
 
 SOURCE_FIELD = "--from official-sit"
-WEIGHTS = ("ema", "model")
+WEIGHTS = ("ema", "raw")
+OFFICIAL_WEIGHTS = ("ema", "model")  # the keys of an official training checkpoint
 DEFAULTS = {"input_size": 32, "in_channels": 4, "num_classes": 1000}  # ImageNet 256, SD-VAE latents
 _FLAGS = {"input_size": "--input-size", "in_channels": "--in-channels", "num_classes": "--num-classes"}
 
@@ -62,9 +70,10 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _strip_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
+    """A DDP-wrapped model's keys without their ``module.`` prefix."""
+    state = OrderedDict(state)
+    consume_prefix_in_state_dict_if_present(state, "module.")
+    return dict(state)
 
 
 def load_official_sit(path: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
@@ -74,8 +83,8 @@ def load_official_sit(path: str | Path, weights: str = "ema") -> tuple[dict[str,
     "state_dict"), ``weights``, ``args`` (the training args as a plain dict, {} if absent), ``steps`` and
     ``epoch`` (None if absent). A ``module.`` prefix (DDP) is stripped.
     """
-    if weights not in WEIGHTS:
-        raise ConfigError("--weights", weights, "choose one of " + ", ".join(repr(w) for w in WEIGHTS))
+    if weights not in OFFICIAL_WEIGHTS:
+        raise ConfigError("--weights", weights, "choose one of " + ", ".join(repr(w) for w in OFFICIAL_WEIGHTS))
     path = Path(path)
     if not path.is_file():
         raise ConfigError(SOURCE_FIELD, str(path), "no such file")
@@ -165,16 +174,12 @@ def import_official_sit(path: str | Path, model_name: str, exits: list[int], out
     Every key and shape is checked before anything is loaded. Time needs no conversion: official SiT
     uses t = 1 as noise, like igdit (METHOD.md §2.3).
     """
-    import lightning
-
-    from igdit.models import MODEL_NAMES, MODEL_SIZES
-    from igdit.module import IGDiTModule
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError("--out", str(out), "already exists; pass --overwrite to replace it")
-    if model_name not in MODEL_NAMES:
-        raise ConfigError("--model", model_name, "choose one of " + ", ".join(MODEL_NAMES))
+    if model_name not in BACKBONES:
+        raise ConfigError("--model", model_name, "choose one of " + ", ".join(BACKBONES))
+    family, size = BACKBONES[model_name]
     state, info = load_official_sit(path, weights)
 
     explicit = {"input_size": input_size, "in_channels": in_channels, "num_classes": num_classes}
@@ -185,27 +190,29 @@ def import_official_sit(path: str | Path, model_name: str, exits: list[int], out
             raise ConfigError(_FLAGS[key], value, f"the checkpoint's shapes say {key} = {inferred[key]}")
         sizes[key] = inferred.get(key, value if value is not None else DEFAULTS[key])
 
-    exits = list(exits)
+    exits = [int(e) for e in exits]
     encoder_depth = info["args"].get("encoder_depth")
     if len(exits) == 1 and isinstance(encoder_depth, int) and encoder_depth != exits[0]:
         raise ConfigError("--exit", exits[0], f"the checkpoint's args say its IG head reads block {encoder_depth} "
                                               f"(encoder_depth); pass --exit {encoder_depth}")
 
     # A patch size that does not divide the latent side cannot even be built: report it as the shape mismatch.
-    size, patch = model_name[len("SiT-"):].split("/")
+    arch = family.sizes[size]
     proj = state.get("x_embedder.proj.weight")
-    if proj is not None and sizes["input_size"] % int(patch):
-        want = (MODEL_SIZES[size]["hidden_size"], sizes["in_channels"], int(patch), int(patch))
+    if proj is not None and sizes["input_size"] % arch["patch_size"]:
+        want = (arch["hidden_size"], sizes["in_channels"], arch["patch_size"], arch["patch_size"])
         raise ConfigError("--model", model_name, f"does not fit the checkpoint: x_embedder.proj.weight has shape "
                                                  f"{_shape(proj)} in the checkpoint, the model expects {want}")
 
-    module = IGDiTModule(name=model_name, exits=exits, qk_norm="blocks.0.attn.q_norm.weight" in state, **sizes)
+    backbone = {"class_path": f"{family.__module__}.{family.__qualname__}",
+                "init_args": {"size": size, "exits": exits, "qk_norm": "blocks.0.attn.q_norm.weight" in state, **sizes}}
+    module = build_module({"backbone": backbone})
     check_state_dict(state, module.backbone.state_dict(), model_name, exits)
     module.backbone.load_state_dict(state, strict=True)
 
     steps = info["steps"] or 0
     checkpoint = {
-        "state_dict": {"backbone." + k: v.detach().clone() for k, v in module.backbone.state_dict().items()},
+        "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "hyper_parameters": dict(module.hparams),
         "pytorch-lightning_version": lightning.__version__,
         "epoch": info["epoch"] or 0,
@@ -220,52 +227,68 @@ def import_official_sit(path: str | Path, model_name: str, exits: list[int], out
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="igdit import-ckpt",
-        description="Convert an official SiT+IG checkpoint (or bare state dict) into an igdit checkpoint.")
-    parser.add_argument("--from", dest="source", nargs=2, metavar=("FORMAT", "FILE"), required=True,
-                        help="official-sit <file.pt>")
-    parser.add_argument("--model", required=True, help="backbone name, e.g. SiT-XL/2")
-    parser.add_argument("--exit", dest="exits", type=int, action="append", required=True,
-                        help="1-based block of an IG exit head (repeat for several)")
-    parser.add_argument("--out", required=True, help="the Lightning checkpoint to write")
-    parser.add_argument("--weights", default="ema", choices=WEIGHTS, help="which weights of a training checkpoint")
-    parser.add_argument("--input-size", type=int, default=None, help="latent side (default: from the shapes)")
-    parser.add_argument("--in-channels", type=int, default=None, help="latent channels (default: from the shapes)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classes (default: from the shapes)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`igdit import-ckpt ...`: 0 on success, 2 with one `error:` line on bad input."""
-    parser = build_parser()
+# ---- igdit's own checkpoints ---------------------------------------------------------------------------
+def read_checkpoint(path: str | Path, field: str = "--ckpt") -> dict:
+    """An igdit checkpoint read with ``torch.load(weights_only=True)`` (no pickled code runs, whatever
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says); one-line ConfigError for a missing, foreign or damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, str(path), "is not a file; pass an igdit checkpoint (.ckpt), e.g. "
+                                            "runs/<experiment>/<run>/checkpoints/last.ckpt")
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:  # argparse already printed its usage and message
-        return 0 if exc.code == 0 else 2
-    try:
-        fmt, source = args.source
-        if fmt != "official-sit":
-            raise ConfigError("--from", fmt, "choose 'official-sit'")
-        out = import_official_sit(source, args.model, args.exits, args.out, input_size=args.input_size,
-                                  in_channels=args.in_channels, num_classes=args.num_classes,
-                                  weights=args.weights, overwrite=args.overwrite)
-    except ConfigError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    hp, imported = ckpt["hyper_parameters"], ckpt["igdit_import"]
-    n_params = sum(v.numel() for v in ckpt["state_dict"].values())  # as the official count: pos_embed included
-    print(f"imported {source} ({imported['layout']}, weights {imported['weights']})")
-    print(f"  model       {hp['name']} exits {hp['exits']} input {hp['in_channels']}x{hp['input_size']}x"
-          f"{hp['input_size']} classes {hp['num_classes']}")
-    print(f"  loaded      {len(ckpt['state_dict'])} keys, {n_params:,} parameters")
-    print(f"  steps       {ckpt['global_step']} (epoch {ckpt['epoch']})")
-    print(f"  written to  {out}  (IGDiTModule.load_from_checkpoint)")
-    return 0
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ConfigError(field, str(path), f"is not a readable igdit checkpoint (torch.load with "
+                                            f"weights_only=True: {first})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ConfigError(field, str(path), "is not an igdit checkpoint (no state_dict and hyper_parameters); "
+                                            "import official checkpoints with `igdit import-ckpt`")
+    return checkpoint
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def model_config(hparams: dict) -> dict:
+    """The model's config (the ``model:`` section of an experiment) from a checkpoint's hyper-parameters.
+
+    Checkpoints written before the parts were injected store a backbone *name* and ``diffusion_loss``,
+    ``exit_loss`` and ``optimizer`` dicts; they are converted to the same model: those terms under the names
+    they were logged with, AdamW with the same values and the same linear warm-up.
+    """
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "frozen_networks"}
+    if "backbone" in hparams:
+        return hparams
+    family, size = BACKBONES[hparams["name"]]
+    backbone = {"class_path": f"{family.__module__}.{family.__qualname__}", "init_args": {
+        "size": size, "exits": list(hparams["exits"]), "input_size": hparams["input_size"],
+        "in_channels": hparams["in_channels"], "num_classes": hparams["num_classes"],
+        "qk_norm": hparams.get("qk_norm", False)}}
+    terms = {"diffusion": {"class_path": "igdit.objectives.DiffusionLoss", "init_args": hparams["diffusion_loss"]},
+             "ig_exit": {"class_path": "igdit.objectives.ExitLoss", "init_args": hparams["exit_loss"]}}
+    optimizer = dict(hparams["optimizer"])
+    warmup = optimizer.pop("warmup_steps", 0)
+    return {"backbone": backbone, "terms": terms,
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": optimizer},
+            "lr_scheduler": {"class_path": "igdit.optim.LinearWarmup", "init_args": {"warmup_steps": warmup}}
+            if warmup else None,
+            "class_dropout": hparams.get("class_dropout", 0.1), "transport": hparams.get("transport", {}),
+            "compile": hparams.get("compile", False)}
+
+
+def load_module(path: str | Path, field: str = "--ckpt", device: str | torch.device = "cpu",
+                weights: str = "ema"):
+    """An IGDiTModule (in eval mode, on ``device``) from an igdit checkpoint.
+
+    weights: "ema" (the checkpoint's ``state_dict``, where EMAWeightAveraging puts the averaged weights) or
+    "raw" (``current_model_state``, the weights the optimiser trained). The shards' meta.json (encoder and
+    normaliser) comes back as ``module.data_meta``.
+    """
+    checkpoint = read_checkpoint(path, field)
+    module = build_module(model_config(checkpoint["hyper_parameters"]))
+    if weights not in WEIGHTS:
+        raise ConfigError(f"{field} weights", weights, "choose ema or raw")
+    state = checkpoint["state_dict"] if weights == "ema" else checkpoint.get("current_model_state")
+    if state is None:
+        raise ConfigError(field, str(path), "holds one set of weights (no current_model_state); use its EMA weights")
+    module.load_state_dict(state, strict=True)
+    module.data_meta = checkpoint.get("igdit_data_meta")
+    return module.eval().to(device)

@@ -1,13 +1,24 @@
 """Config validation: every bad value stops with one line naming the field, the value and what is allowed.
 
-Validation runs in constructors, so a wrong value fails when the object is built from the YAML or the
-command line, before any data is read or any tensor is computed. The CLI prints ``ConfigError`` as a
-single line (``error: <field>: <message>``) instead of a traceback.
+What a type can say is said by the type in the signature (``PositiveInt``, ``Literal[...]``, ``UnitInterval``):
+jsonargparse checks it when the YAML or the command line is parsed, before anything is built. What only
+several fields together can say (an interval's order, a patch that must divide the input) is checked in the
+constructor with ``ConfigError``. The command dispatcher prints both as one line,
+``error: <field>: <value> is not allowed; <what is>``, instead of a traceback (``one_line``).
 """
 from __future__ import annotations
 
+import copy
 import math
+import re
 from typing import Any, Iterable
+
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import ClosedUnitInterval
+
+# A t-interval [low, high] in the project's time (t = 1 is noise); check_interval adds low <= high.
+UnitInterval = tuple[ClosedUnitInterval, ClosedUnitInterval]
 
 
 class ConfigError(ValueError):
@@ -16,6 +27,15 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value: Any, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field}: {value!r} is not allowed; {allowed}")
+
+    @classmethod
+    def from_message(cls, message: str) -> "ConfigError":
+        """The ConfigError whose one-line message is ``message`` (one that jsonargparse wrapped in its own)."""
+        field, rest = message.split(": ", 1)
+        value, allowed = rest.split(" is not allowed; ", 1)
+        err = cls(field, value, allowed)
+        err.args = (message,)
+        return err
 
 
 def _is_number(value: Any) -> bool:
@@ -59,3 +79,101 @@ def check_interval(field: str, value: Any) -> tuple[float, float]:
     if not (0.0 <= low <= high <= 1.0):
         raise ConfigError(field, value, allowed)
     return low, high
+
+
+_PARSER_KEY = re.compile(r'^\s*Parser key "([^"]+)":\s*$')
+_OURS = re.compile(r"^[\w.\[\]-]+: .* is not allowed; .+$")  # the shape of a ConfigError's message
+_RESTRICTED = re.compile(r"^Not of type (\w+): ?(.*?) ?does not conform to restriction (.+)$")
+_EXPECTED = re.compile(r"^Expected an? (.+?)\. Got value: (.+)$")
+_GIVEN = re.compile(r"^Given value: (.+)$")
+_UNKNOWN = re.compile(r"^(?:Group '[^']*' does not accept option '([^']+)'|Option '([^']+)' is not accepted)\.?$")
+_CLASS_PATH = re.compile(r"^\s*-?\s*Problem with given class_path '([^']+)':")
+_NOISE = re.compile(r"^\s*(Does not validate against any of the Union subtypes|"
+                    r"Subtypes:|Errors:|Given value type:|- Expected a <class 'NoneType'>)")
+
+
+def one_line(err: BaseException) -> str:
+    """A config error as one line ``<field>: <value> is not allowed; <what is>`` (the ConfigError format).
+
+    ``ConfigError`` already is one; jsonargparse nests its reasons over several lines ('Parser key "model":',
+    'Parser key "backbone":', ..., the innermost reason): the keys are joined into the dotted field, the value
+    and the restriction are pulled out of the reason, so a bad value reads like every other error of igdit.
+    """
+    if isinstance(err, ConfigError):
+        return " ".join(str(err).split())
+    lines = str(err).splitlines()
+    ours = [line.strip().lstrip("- ") for line in lines if _OURS.match(line.strip().lstrip("- "))]
+    if ours:  # a ConfigError raised while jsonargparse built a nested part: it already names its field
+        return ours[-1]
+    keys, reasons, value = [], [], None
+    for line in lines:
+        text = line.strip().lstrip("- ").strip()
+        match, part = _PARSER_KEY.match(line), _CLASS_PATH.match(line)
+        restricted, expected, given = _RESTRICTED.match(text), _EXPECTED.match(text), _GIVEN.match(text)
+        unknown = _UNKNOWN.match(text)
+        if unknown:  # a key the part does not have
+            option = unknown.group(1) or unknown.group(2)
+            keys.append(option)
+            value, reasons = option.rsplit(".", 1)[-1], reasons + ["unknown field"]
+        elif match:
+            keys.append(match.group(1))
+        elif part and keys:  # a part chosen by class_path (a dict of terms does not say which key holds it)
+            keys[-1] += f"[{part.group(1).rsplit('.', 1)[-1]}]"
+        elif restricted:
+            value = restricted.group(2) or value
+            reasons.append(f"expected {restricted.group(1)} ({restricted.group(3)})")
+        elif expected:
+            value = expected.group(2)
+            reasons.append(f"expected {expected.group(1)}")
+        elif given:
+            if not given.group(1).startswith(("{", "Namespace(", "[")) or value is None:
+                value = given.group(1) if value is None else value
+        elif text and not _NOISE.match(line):
+            reasons.append(text)
+    field = ".".join(keys)
+    reason = "; ".join(dict.fromkeys(reasons)) or "is not accepted"
+    if value is not None and len(value) <= 80:
+        text = f"{field}: {value} is not allowed; {reason}"
+    else:
+        text = f"{field}: {reason}" if field else reason
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def config_parser(**kwargs) -> ArgumentParser:
+    """A jsonargparse parser that raises instead of exiting (the dispatcher prints the error as one line)."""
+    return ArgumentParser(exit_on_error=False, **kwargs)
+
+
+def plain_config(parser: ArgumentParser, cfg) -> dict:
+    """A parsed config as plain YAML values (class_path dicts, lists, numbers, strings)."""
+    return yaml.safe_load(parser.dump(cfg, skip_none=False))
+
+
+def instantiate(base: type, config: Any, field: str = "config") -> Any:
+    """An instance of ``base`` (or a subclass) from ``{"class_path": ..., "init_args": {...}}``, type-checked as
+    the CLI would; errors are one-line ConfigErrors naming ``field`` (e.g. ``FIDCallback.settings.ig.ig``)."""
+    return _parse(lambda parser, key: parser.add_subclass_arguments(base, key, fail_untyped=False), config, field)
+
+
+def build(cls: type, config: Any, field: str = "") -> Any:
+    """A ``cls`` (a dataclass or a class with a typed signature) from a mapping of its fields, type-checked as
+    the CLI would; errors are one-line ConfigErrors naming ``field`` (nothing: the fields are top-level keys)."""
+    return _parse(lambda parser, key: parser.add_class_arguments(cls, key, fail_untyped=False), config, field)
+
+
+def _parse(add, config: Any, field: str) -> Any:
+    key = (field or "root").replace(".", "_").replace("[", "_").replace("]", "_")  # messages get ``field`` back
+    parser = config_parser()
+    add(parser, key)
+    try:
+        return parser.instantiate(parser.parse_object({key: copy.deepcopy(config)}))[key]
+    except ConfigError:
+        raise
+    except (ArgumentError, ValueError, TypeError) as err:  # a type the parser refused, or a ConfigError it wrapped
+        # the parser names the part by its key (and appends the class it chose): put the field back
+        message = re.sub(rf"^{re.escape(key)}(\[[^\]]+\])?" + ("" if field else r"\."), field, one_line(err))
+        if _OURS.match(message):
+            raise ConfigError.from_message(message) from None
+        value = config.get("init_args", config) if isinstance(config, dict) else config
+        raise ConfigError(field or "config", value, message.split(": ", 1)[-1]) from None

@@ -1,11 +1,11 @@
-"""Turning generated latents into pictures a person can look at."""
+"""Turning generated latents into pictures a person can look at: one grid function for every sample grid."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
+from torchvision.utils import make_grid
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -14,25 +14,22 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def image_grid(blocks: list[torch.Tensor], upscale: int = 4, gap: int = 8, pad: int = 2) -> Image.Image:
-    """Lay out blocks of images side by side.
+    """Blocks of images side by side, each block a grid of R rows x K columns (torchvision's make_grid).
 
-    blocks: each (R, K, C, H, W) uint8 with C in {1, 3}; all blocks have R rows. Row r of every block
-    is placed on one line, blocks left to right with a `gap`-pixel white column between them.
-    Each image is upscaled by `upscale` with nearest-neighbour (so 8x8 digits stay crisp).
+    blocks: each (R, K, C, H, W) uint8 with C in {1, 3}; all blocks have R rows and the same image size. Images
+    are upscaled by ``upscale`` (nearest: 8x8 digits stay crisp), framed by ``pad`` white pixels, and the blocks
+    are separated by a ``gap``-pixel white column.
     """
-    rows = []
-    for r in range(blocks[0].shape[0]):
-        pieces = []
-        for b, block in enumerate(blocks):
-            for image in block[r]:
-                image = image.expand(3, -1, -1) if image.shape[0] == 1 else image
-                image = image.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
-                pieces.append(torch.nn.functional.pad(image, (pad, pad, pad, pad), value=255))
-            if b < len(blocks) - 1:
-                pieces.append(torch.full((3, pieces[-1].shape[1], gap), 255, dtype=torch.uint8))
-        rows.append(torch.cat(pieces, dim=2))
-    grid = torch.cat(rows, dim=1)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy().astype(np.uint8))
+    pieces = []
+    for b, block in enumerate(blocks):
+        rows, columns = block.shape[:2]
+        images = block.reshape(rows * columns, *block.shape[2:])
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        images = images.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
+        pieces.append(make_grid(images, nrow=columns, padding=pad, pad_value=255))
+        if b < len(blocks) - 1:
+            pieces.append(torch.full((3, pieces[-1].shape[1], gap), 255, dtype=torch.uint8))
+    return Image.fromarray(torch.cat(pieces, dim=2).permute(1, 2, 0).numpy())
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
@@ -42,3 +39,11 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     with open(path, "xb") as handle:
         image.save(handle, format="PNG")
     return path
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10, max_rows: int = 10) -> Path:
+    """The first rows x ``columns`` images (N, C, H, W) uint8 as a PNG grid (small images upscaled to ~64 px)."""
+    columns = min(columns, len(images))
+    rows = min(max_rows, len(images) // columns)
+    block = images[: rows * columns].reshape(rows, columns, *images.shape[1:])
+    return save_png(image_grid([block], upscale=max(1, 64 // images.shape[-1])), path)

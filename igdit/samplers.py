@@ -1,84 +1,132 @@
-"""Samplers: plain functions of (denoiser, noise, labels, steps). They know nothing about guidance.
+"""Time grids and samplers. Samplers are plain functions of (denoiser, noise, labels, grid), as k-diffusion's
+take sigmas: they know nothing about the network or the guidance, only the grid they walk.
 
-Time runs from t = 1 (noise) to t = 0 (data). The state is kept in float64, as the public SiT code
-does; the denoiser is called in the model's dtype. Each sampler returns (x at t = 0, NFE), NFE being
-the number of denoiser evaluations (a doubled CFG batch counts once, as the papers count it).
+Time runs from t = 1 (noise) to t = 0 (data). A grid is a descending list of times from 1 to 0; named schedules
+build them (``SCHEDULES``): ``uniform`` (linspace(1, 0, steps + 1)), ``sde`` (the SiT/REPA evaluation grid,
+linspace(1, 0.04, steps) then 0) and ``shifted`` (the LightningDiT time shift). The state is kept in float64,
+as the public SiT code does; the denoiser is called in the model's dtype. Each sampler returns (x at t = 0,
+NFE), NFE being the number of denoiser evaluations (a doubled CFG batch counts once, as the papers count it).
+
+A denoiser is called as ``denoiser(x, t, labels, decide_at=t_step)``: ``decide_at`` is the time of the step the
+call belongs to. Heun evaluates twice per step; guidance rules decide whether they act once per step, at its
+start, as the public SiT Euler/Heun sampler does.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
+from igdit.config import ConfigError, check_number
+
 SAMPLERS = ("euler", "heun", "sde")
+ScheduleName = Literal["uniform", "sde", "shifted"]
 
 
-def _check_steps(steps: int, minimum: int = 1) -> None:
-    if not isinstance(steps, int) or steps < minimum:
-        from igdit.config import ConfigError
+# ---- time grids ---------------------------------------------------------------------------------------
+def uniform_grid(steps: int) -> list[float]:
+    """linspace(1, 0, steps + 1): ``steps`` equal steps from noise to data."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
 
-        raise ConfigError("steps", steps, f"expected an integer >= {minimum}")
+
+def sde_grid(steps: int, t_last: float = 0.04) -> list[float]:
+    """The SiT/REPA Euler–Maruyama grid: linspace(1, t_last, steps) then 0 (``steps`` steps, the last one from
+    t_last to 0 taken without noise)."""
+    return torch.linspace(1.0, t_last, steps, dtype=torch.float64).tolist() + [0.0]
 
 
-def euler_ode(denoiser, noise: torch.Tensor, labels: torch.Tensor, steps: int = 50,
+def shifted_grid(steps: int, shift: float = 0.3) -> list[float]:
+    """The LightningDiT time shift on ``steps`` steps: u = linspace(0, 1, steps + 1) in LightningDiT's own time
+    (0 = noise) is warped to u' = s u / (1 + (s - 1) u) and turned into the project's time t = 1 - u'.
+    s < 1 spends more steps near the noise. (LightningDiT's 125 grid points are 124 steps.)"""
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    grid = (1 - shift * u / (1 + (shift - 1) * u)).tolist()
+    grid[0], grid[-1] = 1.0, 0.0  # exactly: the warp of 1 is 1 only up to rounding
+    return grid
+
+
+SCHEDULES: dict[str, Callable[..., list[float]]] = {"uniform": uniform_grid, "sde": sde_grid, "shifted": shifted_grid}
+DEFAULT_SCHEDULE = {"euler": "uniform", "heun": "uniform", "sde": "sde"}
+
+
+def time_grid(schedule: str, steps: int, shift: float = 0.3) -> list[float]:
+    """The named schedule's grid with ``steps`` steps (``shift`` only for ``shifted``)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError("schedule", schedule, "choose one of " + ", ".join(SCHEDULES))
+    check_number("steps", steps, low=1, integer=True)
+    if schedule == "shifted":
+        check_number("shift", shift, low=0, low_inclusive=False)
+        return shifted_grid(steps, shift)
+    return SCHEDULES[schedule](steps)
+
+
+# ---- samplers -----------------------------------------------------------------------------------------
+def _check_grid(grid: Sequence[float]) -> list[float]:
+    grid = [float(t) for t in grid]
+    if len(grid) < 2 or grid[0] != 1.0 or grid[-1] != 0.0 or any(a <= b for a, b in zip(grid[:-1], grid[1:])):
+        raise ValueError(f"a time grid descends strictly from 1 to 0, got {grid[:3]} ... {grid[-2:]}")
+    return grid
+
+
+def euler_ode(denoiser, noise: torch.Tensor, labels: torch.Tensor, grid: Sequence[float],
               model_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, int]:
-    """Euler integration of dx/dt = v(x, t) on linspace(1, 0, steps + 1). NFE = steps.
+    """Euler integration of dx/dt = v(x, t) along ``grid``. NFE = len(grid) - 1.
 
     noise: (N, C, H, W) at t = 1; labels: (N,). Returns (x at t = 0 in noise.dtype, NFE).
     """
-    _check_steps(steps)
+    grid = _check_grid(grid)
     dtype = model_dtype or noise.dtype
-    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
-        x = x + (t_next - t_cur) * denoiser(x.to(dtype), t_cur, labels).to(torch.float64)
-    return x.to(noise.dtype), steps
+        x = x + (t_next - t_cur) * denoiser(x.to(dtype), t_cur, labels, decide_at=t_cur).to(torch.float64)
+    return x.to(noise.dtype), len(grid) - 1
 
 
-def heun_ode(denoiser, noise: torch.Tensor, labels: torch.Tensor, steps: int = 50,
-             model_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, int]:
-    """Heun (2nd order) on linspace(1, 0, steps + 1); the last step is Euler, as SiT's ODE sampler.
-
-    NFE = 2 * steps - 1. Shapes as `euler_ode`.
+def heun_ode(denoiser, noise: torch.Tensor, labels: torch.Tensor, grid: Sequence[float],
+             model_dtype: Optional[torch.dtype] = None,
+             last_step: Literal["euler", "heun"] = "euler") -> tuple[torch.Tensor, int]:
+    """Heun (2nd order) along ``grid``. The last step is Euler (SiT's ODE sampler; NFE = 2 steps - 1) or a full
+    Heun step ending in an evaluation at t = 0 (LightningDiT's fixed-grid heun2; NFE = 2 steps). Guidance decides
+    once per step, at the step's start. Shapes as ``euler_ode``.
     """
-    _check_steps(steps)
+    grid = _check_grid(grid)
     dtype = model_dtype or noise.dtype
-    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    steps = len(grid) - 1
     x = noise.to(torch.float64)
     nfe = 0
     for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t_next - t_cur
-        d_cur = denoiser(x.to(dtype), t_cur, labels).to(torch.float64)
+        d_cur = denoiser(x.to(dtype), t_cur, labels, decide_at=t_cur).to(torch.float64)
         nfe += 1
         x_next = x + dt * d_cur
-        if i < steps - 1:
-            d_next = denoiser(x_next.to(dtype), t_next, labels).to(torch.float64)
+        if i < steps - 1 or last_step == "heun":
+            d_next = denoiser(x_next.to(dtype), t_next, labels, decide_at=t_cur).to(torch.float64)
             nfe += 1
             x_next = x + dt * 0.5 * (d_cur + d_next)
         x = x_next
     return x.to(noise.dtype), nfe
 
 
-def euler_maruyama_sde(denoiser, transport, noise: torch.Tensor, labels: torch.Tensor, steps: int = 250,
-                       t_last: float = 0.04, model_dtype: Optional[torch.dtype] = None,
+def euler_maruyama_sde(denoiser, transport, noise: torch.Tensor, labels: torch.Tensor, grid: Sequence[float],
+                       model_dtype: Optional[torch.dtype] = None,
                        step_noise: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, int]:
     """Euler–Maruyama on the reverse SDE with diffusion g(t) = 2t, as the paper's evaluation (SiT/REPA).
 
-    Grid linspace(1, t_last, steps) then 0: steps - 1 stochastic steps
+    Along ``grid`` (the ``sde`` schedule: linspace(1, 0.04, steps) then 0): every step but the last is
         x <- x + d dt + sqrt(g(t)) sqrt(|dt|) eps,   d = v - g(t)/2 * score(v, x, t),   dt < 0,
-    and a last deterministic mean step from t_last to 0 (no noise). The score comes from the (guided)
-    velocity through `transport`. NFE = steps. step_noise() returns the (N, C, H, W) Gaussian noise of
-    one step (default torch.randn); pass per-sample generators to make samples independent of batching.
+    and the last step (to t = 0) is its mean only, without noise. The score comes from the (guided) velocity
+    through ``transport``. NFE = len(grid) - 1. step_noise() returns the (N, C, H, W) Gaussian noise of one step
+    (default torch.randn); pass per-sample generators to make samples independent of batching.
     """
-    _check_steps(steps, 2)
+    grid = _check_grid(grid)
     dtype = model_dtype or noise.dtype
-    grid = torch.linspace(1.0, t_last, steps, dtype=torch.float64).tolist() + [0.0]
+    steps = len(grid) - 1
     x = noise.to(torch.float64)
     step_noise = step_noise or (lambda: torch.randn_like(noise))
     for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t_next - t_cur
         t_vec = torch.full((x.shape[0],), t_cur, dtype=torch.float64, device=x.device)
-        v = denoiser(x.to(dtype), t_cur, labels).to(torch.float64)
+        v = denoiser(x.to(dtype), t_cur, labels, decide_at=t_cur).to(torch.float64)
         g = 2.0 * t_cur
         drift = v - 0.5 * g * transport.velocity_to_score(v, x, t_vec)
         x = x + drift * dt
@@ -89,15 +137,16 @@ def euler_maruyama_sde(denoiser, transport, noise: torch.Tensor, labels: torch.T
 
 def run_sampler(name: str, denoiser, transport, noise: torch.Tensor, labels: torch.Tensor, steps: int,
                 model_dtype: Optional[torch.dtype] = None,
-                step_noise: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, int]:
-    """Dispatch by name ("euler", "heun", "sde")."""
+                step_noise: Optional[Callable[[], torch.Tensor]] = None, schedule: Optional[str] = None,
+                shift: float = 0.3, heun_last_step: Literal["euler", "heun"] = "euler") -> tuple[torch.Tensor, int]:
+    """Sample with ``name`` ("euler", "heun", "sde") on ``steps`` steps of ``schedule`` (default: uniform for the
+    ODE samplers, the sde grid for "sde")."""
+    if name not in SAMPLERS:
+        raise ConfigError("sampler", name, "choose one of " + ", ".join(SAMPLERS))
+    check_number("steps", steps, low=2 if name == "sde" else 1, integer=True)
+    grid = time_grid(schedule or DEFAULT_SCHEDULE[name], steps, shift)
     if name == "euler":
-        return euler_ode(denoiser, noise, labels, steps, model_dtype)
+        return euler_ode(denoiser, noise, labels, grid, model_dtype)
     if name == "heun":
-        return heun_ode(denoiser, noise, labels, steps, model_dtype)
-    if name == "sde":
-        return euler_maruyama_sde(denoiser, transport, noise, labels, steps, model_dtype=model_dtype,
-                                  step_noise=step_noise)
-    from igdit.config import ConfigError
-
-    raise ConfigError("sampler", name, "choose one of " + ", ".join(SAMPLERS))
+        return heun_ode(denoiser, noise, labels, grid, model_dtype, heun_last_step)
+    return euler_maruyama_sde(denoiser, transport, noise, labels, grid, model_dtype, step_noise)

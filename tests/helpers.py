@@ -31,3 +31,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def model_config(**changes) -> dict:
+    """The default experiment's ``model:`` section (SiT-T/2 on 8x8 digits, IG exit after block 2), with
+    ``changes`` merged in: ``backbone`` entries go into the backbone's init_args, the rest replace sections."""
+    cfg = yaml.safe_load((REPO / "experiments/default.yaml").read_text())["model"]
+    cfg["backbone"]["init_args"].update(changes.pop("backbone", {}))
+    cfg.update(changes)
+    return cfg
+
+
+def tiny_module(**changes):
+    """An IGDiTModule built from ``model_config(**changes)`` exactly as the CLI builds it."""
+    from igdit.module import build_module
+
+    return build_module(model_config(**changes))

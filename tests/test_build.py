@@ -15,10 +15,14 @@ from igdit.data.encoders import decode_latents
 from igdit.config import ConfigError
 from igdit.data import (LatentDataModule, LatentNormalizer, build_dataset, build_encoder, bytes_per_sample,
                         images_to_unit, load_meta, load_source)
-from igdit.data.cli import main as data_main
+from igdit.cli import main as igdit
 from igdit.data.encoders import IdentityEncoder
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def data_main(argv):
+    return igdit(["data", *argv])
 
 
 def _samples(root, split="*"):
@@ -229,10 +233,10 @@ def test_two_ranks_under_torchrun_write_the_same_shards_as_one_process(digits_ro
     (["--encoder", "sd-vae-ft-ema", "--latent", "mode"], "error: latent: 'mode' is not allowed; choose one of 'sample'"),
     (["--latent", "mean"], "error: latent: 'mean' is not allowed; only VAE encoders take it"),
     (["--stats-images", "1"], "error: stats_images: 1 is not allowed; expected an integer >= 2"),
-    (["--workers", "-1"], "error: workers: -1 is not allowed; expected an integer >= 0"),
-    (["--batch-size", "0"], "error: batch_size: 0 is not allowed; expected an integer >= 1"),
-    (["--shard-size-mb", "0"], "error: shard_size_mb: 0.0 is not allowed; expected a number > 0"),
-    (["--samples-per-shard", "0"], "error: samples_per_shard: 0 is not allowed; expected an integer >= 1"),
+    (["--workers", "-1"], "error: workers: -1 is not allowed; expected NonNegativeInt (v>=0)"),
+    (["--batch-size", "0"], "error: batch_size: 0 is not allowed; expected PositiveInt (v>0)"),
+    (["--shard-size-mb", "0"], "error: shard_size_mb: 0 is not allowed; expected PositiveFloat (v>0)"),
+    (["--samples-per-shard", "0"], "error: samples_per_shard: 0 is not allowed; expected PositiveInt (v>0)"),
     (["--device", "gpu7"], "error: device: 'gpu7' is not allowed; expected cpu, cuda or cuda:<index>"),
     (["--device", "cuda:9"], "error: device: 'cuda:9' is not allowed; expected cpu, cuda or cuda:<index> of a visible"),
 ])

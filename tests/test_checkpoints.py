@@ -4,10 +4,19 @@ import argparse
 import pytest
 import torch
 
-from igdit.checkpoints import import_official_sit, infer_shapes, load_official_sit, main
+from igdit.checkpoints import import_official_sit, infer_shapes, load_module, load_official_sit
+from igdit.cli import main as igdit
 from igdit.config import ConfigError
 from igdit.models import build_backbone
 from igdit.module import IGDiTModule
+
+
+def main(argv):
+    return igdit(["import-ckpt", *argv])
+
+
+def _sizes(module):
+    return module.backbone.input_size, module.backbone.in_channels, module.backbone.num_classes
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10)
 
@@ -40,8 +49,8 @@ def _forward_all(model):
 def test_official_checkpoint_imports_ema_exactly_and_runs_like_a_directly_loaded_sit(tmp_path):
     path, model_sd, ema_sd = _official(tmp_path)
     out = import_official_sit(path, "SiT-T/2", [2], tmp_path / "model.ckpt")
-    module = IGDiTModule.load_from_checkpoint(out, map_location="cpu")
-    assert module.hparams.input_size == 8 and module.hparams.in_channels == 1 and module.hparams.num_classes == 10
+    module = IGDiTModule.load_from_checkpoint(out, map_location="cpu")  # Lightning's own loader works too
+    assert _sizes(module) == (8, 1, 10) and _sizes(load_module(out)) == (8, 1, 10)
     state = module.backbone.state_dict()
     assert state.keys() == ema_sd.keys()
     assert all(torch.equal(state[k], ema_sd[k]) for k in ema_sd)
@@ -91,8 +100,7 @@ def test_inferred_sizes_build_the_model_and_contradicting_flags_stop(tmp_path):
     sd = _random_state(input_size=16, in_channels=3, num_classes=7)
     torch.save(sd, tmp_path / "w.pt")
     out = import_official_sit(tmp_path / "w.pt", "SiT-T/2", [2], tmp_path / "m.ckpt", input_size=16)
-    hp = IGDiTModule.load_from_checkpoint(out, map_location="cpu").hparams
-    assert (hp.input_size, hp.in_channels, hp.num_classes) == (16, 3, 7)
+    assert _sizes(load_module(out)) == (16, 3, 7)
     with pytest.raises(ConfigError, match=r"--num-classes: 1000 .*num_classes = 7"):
         import_official_sit(tmp_path / "w.pt", "SiT-T/2", [2], tmp_path / "n.ckpt", num_classes=1000)
 
@@ -153,7 +161,7 @@ def test_bad_files_keys_and_existing_out(tmp_path):
         import_official_sit(path, "SiT-T/2", [2], out)
     assert out.read_bytes() == b"keep me"
     import_official_sit(path, "SiT-T/2", [2], out, overwrite=True)
-    assert IGDiTModule.load_from_checkpoint(out, map_location="cpu").hparams.exits == [2]
+    assert load_module(out).backbone.exit_indices == (2,)
 
 
 def test_cli_main(tmp_path, capsys):
@@ -166,6 +174,17 @@ def test_cli_main(tmp_path, capsys):
     assert main(argv) == 2  # out exists now
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --out:") and len(err.splitlines()) == 1
-    assert main(argv[:5] + ["--exit", "2", "--exit", "4", "--out", str(tmp_path / "b.ckpt")]) == 2
+    assert main(argv[:5] + ["--exit", "[2, 4]", "--out", str(tmp_path / "b.ckpt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --exit:") and "final_layer_xr_2" in err and len(err.splitlines()) == 1
+
+
+def test_load_module_refuses_what_is_not_an_igdit_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--ckpt: .*is not a file"):
+        load_module(tmp_path / "nope.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"^--ckpt: .*is not a readable igdit checkpoint"):
+        load_module(tmp_path / "junk.ckpt")
+    torch.save(_random_state(), tmp_path / "bare.ckpt")
+    with pytest.raises(ConfigError, match=r"is not an igdit checkpoint.*import-ckpt"):
+        load_module(tmp_path / "bare.ckpt")

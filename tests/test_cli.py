@@ -21,8 +21,10 @@ def test_shipped_configs_parse(config, capsys):
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     source = yaml.safe_load(config.read_text())
-    assert printed["model"]["name"] == source["model"]["name"]
-    assert printed["model"]["exits"] == source["model"]["exits"]
+    for key in ("size", "exits", "input_size"):
+        assert printed["model"]["backbone"]["init_args"][key] == source["model"]["backbone"]["init_args"][key]
+    assert set(printed["model"]["terms"]) == set(source["model"]["terms"])
+    assert printed["model"]["optimizer"]["class_path"] == source["model"]["optimizer"]["class_path"]
     assert printed["data"]["batch_size"] == source["data"]["batch_size"]
 
 
@@ -30,9 +32,11 @@ def test_paper_configs_carry_the_paper_settings():
     b2 = yaml.safe_load((REPO / "experiments/sit_b2_ig.yaml").read_text())
     xl = yaml.safe_load((REPO / "experiments/sit_xl2_ig.yaml").read_text())
     for cfg, exit_ in ((b2, 4), (xl, 8)):
-        assert cfg["model"]["exits"] == [exit_]
-        assert cfg["model"]["exit_loss"]["weight"] == 0.5 and cfg["model"]["exit_loss"]["loss"] == "mse"
-        assert cfg["model"]["optimizer"]["lr"] == 1e-4 and cfg["model"]["optimizer"]["weight_decay"] == 0
+        assert cfg["model"]["backbone"]["init_args"]["exits"] == [exit_]
+        exit_loss = cfg["model"]["terms"]["ig_exit"]["init_args"]
+        assert exit_loss["weight"] == 0.5 and exit_loss["loss"] == "mse"
+        optimizer = cfg["model"]["optimizer"]["init_args"]
+        assert optimizer["lr"] == 1e-4 and optimizer["weight_decay"] == 0
         assert cfg["data"]["batch_size"] == 256 and cfg["trainer"]["gradient_clip_val"] == 1.0
         ema = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeightAveraging"))
         assert ema["init_args"]["decay"] == 0.9999
@@ -46,14 +50,15 @@ def _fit_args(root: Path, scratch: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("override,field", [
-    (["--model.exits", "[0]"], "model.exits"),
-    (["--model.exits", "[6]"], "model.exits"),
-    (["--model.exit_loss.weight", "-0.5"], "model.exit_loss.weight"),
-    (["--model.exit_loss.weight", "abc"], "model.exit_loss.weight"),
-    (["--model.name", "SiT-Q/2"], "model.name"),
-    (["--model.input_size", "16"], "model.input_size"),
-    (["--model.num_classes", "7"], "model.num_classes"),
+    (["--model.backbone.exits", "[0]"], "model.backbone.exits"),
+    (["--model.backbone.exits", "[6]"], "model.backbone.exits"),
+    (["--model.terms.ig_exit.weight", "-0.5"], "model.terms[ExitLoss].weight"),
+    (["--model.terms.ig_exit.weight", "abc"], "model.terms[ExitLoss].weight"),
+    (["--model.backbone.size", "Q/2"], "model.backbone[SiT].size"),
+    (["--model.backbone.input_size", "16"], "model.input_size"),
+    (["--model.backbone.num_classes", "7"], "model.num_classes"),
     (["--data.batch_size", "0"], "data.batch_size"),
+    (["--trainer.precision", "17"], "trainer.precision"),
 ])
 def test_bad_values_stop_before_compute_with_one_line(override, field, digits_root, tmp_path, capsys):
     assert main(_fit_args(digits_root, tmp_path, *override)) == 2
@@ -80,7 +85,7 @@ def _short_config(tmp_path: Path) -> Path:
 def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(digits_root, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from igdit.module import IGDiTModule
+    from igdit.checkpoints import load_module
 
     args = _fit_args(digits_root, tmp_path)
     args[2] = str(_short_config(tmp_path))
@@ -97,7 +102,8 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
         assert key in run.data.metrics, key
     history = client.get_metric_history(run.info.run_id, "train/diffusion")
     assert max(m.step for m in history) >= 35
-    assert run.data.params["exits"] == "[2]" and run.data.params["name"] == "SiT-T/2"
+    assert run.data.params["backbone/init_args/exits"] == "[2]"
+    assert run.data.params["backbone/init_args/size"] == "T/2"
     assert run.data.params["root"] == str(digits_root)  # the data module's fields are logged too
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "samples.png", "fid"} <= artifacts
@@ -115,7 +121,7 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
 
     run_dir = tmp_path / "runs" / "igdit-digits" / run.info.run_id
     grid = Image.open(run_dir / "samples.png")
-    assert grid.height == 10 * (8 * 4 + 4)  # one row per class: 8x8 digits upscaled x4, 2 px padding
+    assert grid.height == 10 * (8 * 4 + 2) + 2  # one row per class: 8x8 digits upscaled x4, 2 px apart (make_grid)
     assert str(run_dir / "samples.png") in out
 
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
@@ -124,7 +130,7 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     name = "backbone.final_layer.linear.weight"
     assert not torch.equal(ema[name], raw[name])  # the EMA weights are what state_dict holds
-    reloaded = IGDiTModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    reloaded = load_module(ckpt_path)
     torch.testing.assert_close(reloaded.state_dict()[name], ema[name])
     assert reloaded.data_meta["num_classes"] == 10
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
@@ -137,7 +143,7 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     # Offline evaluation of the last checkpoint reproduces the value the callback logged at step 40:
     # the callback scored the EMA weights, and `igdit eval` is the same code path.
     capsys.readouterr()
-    eval_args = ["eval", "--ckpt", str(ckpt_path), "--config", args[2], *args[3:]]
+    eval_args = ["eval", "--ckpt", str(ckpt_path), "--experiment", args[2], "--", *args[3:]]
     assert main(eval_args) == 0
     printed = {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
                if line.startswith("fd_digits/")}
@@ -153,3 +159,40 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     runs = client.search_runs([client.get_experiment_by_name("igdit-digits").experiment_id])
     assert len(runs) == 3 and len({r.info.run_id for r in runs}) == 3  # fit, eval, fit
     assert hashlib.sha256(ckpt_path.read_bytes()).hexdigest() == digest
+
+
+def test_igdit_help_lists_every_subcommand_and_no_empty_ones(capsys):
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    for command in ("fit", "validate", "data", "sample", "eval", "sweep", "import-ckpt"):
+        assert f"  {command} " in listed
+    assert "  test " not in listed and "  predict " not in listed
+    assert main(["test"]) == 2 and "not an igdit command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,argv", [
+    ("data", ["build", "digits", "out", "--samples-per-shard", "50"]),
+    ("sample", ["--ckpt", "m.ckpt", "--ig.scale", "1.5", "--steps", "7"]),
+    ("eval", ["--npz", "s.npz", "--ref", "data/digits"]),
+    ("sweep", ["sweeps/ig_guidance.yaml", "--n-trials", "3"]),
+    ("import-ckpt", ["--from", "official-sit", "w.pt", "--model", "SiT-XL/2", "--exit", "8", "--out", "o.ckpt"]),
+])
+def test_every_subcommand_prints_its_config_and_reads_it_back(command, argv, tmp_path, capsys):
+    """--print_config writes a YAML that --config reads back to the same options."""
+    from igdit.commands import COMMANDS
+    import importlib
+
+    module = importlib.import_module(f"igdit.commands.{COMMANDS[command][0]}")
+    parser = module._parser() if command == "data" else module.build_parser()
+    with pytest.raises(SystemExit):
+        main([command, *argv, "--print_config"] if command != "data" else [command, argv[0], "--print_config", *argv[1:]])
+    printed = capsys.readouterr().out
+    first = parser.parse_args(argv)
+    saved = tmp_path / "options.yaml"
+    saved.write_text(printed)
+    again = parser.parse_args([argv[0], "--config", str(saved)]) if command == "data" else \
+        parser.parse_args(["--config", str(saved)])
+    strip = lambda ns: {k: v for k, v in ns.as_dict().items() if k not in ("config", "__path__")}  # noqa: E731
+    if command == "data":
+        first, again = first.build, again.build
+    assert strip(again) == strip(first)

@@ -11,7 +11,11 @@ import webdataset as wds
 from igdit.config import ConfigError
 from igdit.data import (LatentDataModule, LatentNormalizer, build_dataset, build_encoder, images_to_unit,
                         load_meta, load_source, unit_to_uint8)
-from igdit.data.cli import main as data_main
+from igdit.cli import main as igdit
+
+
+def data_main(argv):
+    return igdit(["data", *argv])
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,19 @@ import torch.multiprocessing as mp
 from igdit.config import ConfigError
 from igdit.data import LatentDataModule
 from igdit.metrics import FrechetEvaluator, ReferenceStats, frechet_distance, real_image_batches
-from igdit.metrics.features import DIGITS_NET_FILE, INCEPTION_WEIGHTS_FILE, InceptionFeatures, load_digits_feature_net
+from igdit.metrics.evaluate import data_fingerprint, reference_dir
+from igdit.metrics.features import INCEPTION_WEIGHTS_FILE, InceptionFeatures, digits_feature_net, load_digits_feature_net
 from igdit.metrics.fid import load_reference, new_frechet_metric, reference_from_metric
-from helpers import free_port
+from helpers import free_port, tiny_module
+
+
+def _evaluator(root, feature="digits"):
+    return FrechetEvaluator(feature, LatentDataModule(root=str(root)))
+
+
+@pytest.fixture(scope="session")
+def digits_net(digits_root):
+    return _evaluator(digits_root).net
 
 
 def _images(root, split="train"):
@@ -35,29 +45,36 @@ def _fd_reference(mu1, s1, mu2, s2):
 
 
 # ---- the digits feature network ----------------------------------------------------------------------
-def test_data_build_trains_the_digits_feature_net_and_records_its_held_out_accuracy(digits_root):
-    meta = json.loads((digits_root / "meta.json").read_text())
-    info = meta["feature_net"]
-    assert info["file"] == DIGITS_NET_FILE and info["metric"] == "fd_digits" and info["num_features"] == 64
-    assert info["val_accuracy"] >= 0.95  # a feature space that knows digits
-    net = load_digits_feature_net(digits_root / DIGITS_NET_FILE)
+def test_the_digits_feature_net_is_trained_on_first_use_cached_by_the_shards_and_knows_digits(digits_root, tmp_path):
+    datamodule = LatentDataModule(root=str(digits_root))
+    cache = tmp_path / "cache"
+    net = digits_feature_net(datamodule, cache, data_fingerprint(datamodule))
+    (saved,) = cache.glob("fd_digits-*.pt")
+    assert saved.name == f"fd_digits-{data_fingerprint(datamodule)[:12]}.pt"
+    before = saved.stat().st_mtime_ns
+    again = digits_feature_net(datamodule, cache, data_fingerprint(datamodule))
+    assert saved.stat().st_mtime_ns == before  # read back, not trained again
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    loaded, info = load_digits_feature_net(saved)
+    assert info["val_accuracy"] >= 0.95 and net.num_features == 64  # a feature space that knows digits
     val = _images(digits_root, "val")
     labels = torch.cat([y for _, y in LatentDataModule(root=str(digits_root)).latent_batches("val", 500)])
     accuracy = (net.logits(val).argmax(1) == labels).float().mean().item()
     assert accuracy == pytest.approx(info["val_accuracy"], abs=1e-4)
+    assert data_fingerprint(datamodule) != data_fingerprint(datamodule, "val")  # keyed by what was read
     assert net(val).shape == (len(val), 64)
     assert torch.equal(net(val), net(val.expand(-1, 3, -1, -1)))  # ADM files hold grey as 3 equal channels
 
 
 # ---- the distance itself -----------------------------------------------------------------------------
-def test_fd_of_real_data_against_itself_is_zero(digits_root):
-    net = load_digits_feature_net(digits_root / DIGITS_NET_FILE)
+def test_fd_of_real_data_against_itself_is_zero(digits_root, digits_net):
+    net = digits_net
     train = _images(digits_root)
     assert frechet_distance(net, [train], [train], "digits") == pytest.approx(0.0, abs=1e-3)
 
 
-def test_fd_of_noise_against_real_data_is_large_and_grows_with_the_noise(digits_root):
-    net = load_digits_feature_net(digits_root / DIGITS_NET_FILE)
+def test_fd_of_noise_against_real_data_is_large_and_grows_with_the_noise(digits_root, digits_net):
+    net = digits_net
     train, val = _images(digits_root), _images(digits_root, "val")
     stats = reference_from_metric(_streamed(net, train), "digits")
     distances = [frechet_distance(net, stats, [_noisy(val, std)], "digits") for std in (0, 8, 24, 48, 96)]
@@ -74,8 +91,8 @@ def _streamed(net, images):
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # dead ReLU features: singular covariances
-def test_fd_from_loaded_statistics_matches_the_direct_formula(digits_root):
-    net = load_digits_feature_net(digits_root / DIGITS_NET_FILE)
+def test_fd_from_loaded_statistics_matches_the_direct_formula(digits_root, digits_net):
+    net = digits_net
     train, val = _images(digits_root), _images(digits_root, "val")
     with torch.no_grad():
         real, fake = net(train).double().numpy(), net(_noisy(val, 20)).double().numpy()
@@ -125,18 +142,18 @@ def test_too_few_samples_for_the_feature_dimension_warns():
 # ---- the evaluator and its cached reference ----------------------------------------------------------
 def test_reference_is_computed_once_then_read_from_the_cache(digits_root):
     datamodule = LatentDataModule(root=str(digits_root))
-    first = FrechetEvaluator("digits", str(digits_root))
+    first = _evaluator(digits_root)
     stats = first.reference_from_data(datamodule, "val", batch_size=64)
     cached = sorted((digits_root / "fid_refs").glob("digits-val-all-*.npz"))
     assert len(cached) == 1 and stats.n == 180
     before = cached[0].stat().st_mtime_ns
-    second = FrechetEvaluator("digits", str(digits_root))
+    second = _evaluator(digits_root)
     again = second.reference_from_data(datamodule, "val", batch_size=7)
     assert cached[0].stat().st_mtime_ns == before  # read, not rewritten
     np.testing.assert_allclose(again.sigma, stats.sigma)
     val = _images(digits_root, "val")
     assert second.score(val.split(50))["fd"] == pytest.approx(0.0, abs=1e-3)
-    capped = FrechetEvaluator("digits", str(digits_root)).reference_from_data(datamodule, "train", 64, max_samples=300)
+    capped = _evaluator(digits_root).reference_from_data(datamodule, "train", 64, max_samples=300)
     assert capped.n == 300
 
 
@@ -144,7 +161,7 @@ def _ddp_worker(rank, world, port, root, fake, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        evaluator = FrechetEvaluator("digits", root)
+        evaluator = _evaluator(root)
         evaluator.reference_from_data(LatentDataModule(root=root), "train", batch_size=64, cache=False)
         result = evaluator.score(fake[rank::world].split(32))
         torch.save({"result": result, "n": evaluator.reference.n}, f"{out}-{rank}.pt")
@@ -155,7 +172,7 @@ def _ddp_worker(rank, world, port, root, fake, out):
 @pytest.mark.slow
 def test_two_process_ddp_gives_the_same_fd_as_one_process(digits_root, tmp_path):
     fake = _noisy(_images(digits_root, "val"), 30)
-    single = FrechetEvaluator("digits", str(digits_root))
+    single = _evaluator(digits_root)
     single.reference_from_data(LatentDataModule(root=str(digits_root)), "train", batch_size=64, cache=False)
     expected = single.score(fake.split(50))
     mp.spawn(_ddp_worker, args=(2, free_port(), str(digits_root), fake, str(tmp_path / "r")), nprocs=2)
@@ -214,8 +231,8 @@ def test_inception_features_and_score_run_through_the_real_class(random_inceptio
     ({"ig+cfg": {}}, "settings"),
     ({"ig": {"ig": {"scale": -1}}}, "settings.ig.ig.scale"),
     ({"ig": {"ig": {"interval": [0.8, 0.2]}}}, "settings.ig.ig.interval"),
-    ({"ig": {"autoguide": {}}}, "settings.ig"),
-    ({"ig": {"ig": {"weight": 2}}}, "settings.ig.ig"),
+    ({"ig": {"autoguide": {}}}, "settings.ig.autoguide"),
+    ({"ig": {"ig": {"weight": 2}}}, "settings.ig.ig.weight"),
     ({}, "settings"),
 ])
 def test_bad_guidance_settings_are_one_line_errors(settings, field):
@@ -233,9 +250,10 @@ def test_bad_guidance_settings_are_one_line_errors(settings, field):
 ])
 def test_bad_callback_values_are_one_line_errors(kwargs, field):
     from igdit.callbacks import FIDCallback
+    from igdit.config import instantiate
 
-    with pytest.raises(ConfigError, match=f"^FIDCallback.{field}:"):
-        FIDCallback(**kwargs)
+    with pytest.raises(ConfigError, match=f"^FIDCallback.{field}:"):  # as the YAML is parsed
+        instantiate(FIDCallback, {"class_path": "igdit.callbacks.FIDCallback", "init_args": kwargs}, "FIDCallback")
 
 
 # ---- `igdit eval --npz` ------------------------------------------------------------------------------
@@ -253,7 +271,7 @@ def test_eval_scores_an_adm_npz_against_a_data_folder(digits_root, tmp_path, cap
     against_train = float(capsys.readouterr().out.split()[1])
     assert 0.01 < against_train < 20  # a held-out sample of the same data: close, not identical
 
-    stats = FrechetEvaluator("digits", str(digits_root)).reference_from_data(LatentDataModule(root=str(digits_root)),
+    stats = _evaluator(digits_root).reference_from_data(LatentDataModule(root=str(digits_root)),
                                                                              "train", cache=False)
     ref = stats.save(tmp_path / "train_stats.npz")
     assert main(["eval", "--npz", str(npz), "--ref", str(ref), "--feature", "digits"]) == 2
@@ -300,9 +318,7 @@ def test_the_callback_scores_whichever_module_holds_the_ema_weights():
 def _setup(callback, root, exits=(2,), checkpoints=(), val_check_interval=500):
     from types import SimpleNamespace
 
-    from igdit.module import IGDiTModule
-
-    module = IGDiTModule(exits=list(exits), exit_loss={"weight": 0.5 if exits else 0.0})
+    module = tiny_module(backbone={"exits": list(exits)}, terms=None)
     trainer = SimpleNamespace(checkpoint_callbacks=list(checkpoints), datamodule=LatentDataModule(root=str(root)),
                               strategy=SimpleNamespace(root_device=torch.device("cpu")), logger=None,
                               val_check_interval=val_check_interval)

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from igdit.config import ConfigError
-from igdit.models import MODEL_NAMES, MODEL_SIZES, SiT, build_backbone, exit_head_name
+from igdit.models import BACKBONES, SiT, build_backbone, exit_head_name
+from igdit.models.sit import SIT_SIZES
 from igdit.models.layers import get_2d_sincos_pos_embed, timestep_embedding
 
-TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=4, num_classes=5)
+TINY = dict(size="T/2", input_size=8, in_channels=3, hidden_size=32, depth=4, num_heads=4, num_classes=5)
 
 
 def _tiny(exits=(2,), **kwargs) -> SiT:
@@ -42,11 +43,11 @@ def _condition(model: SiT, t, y):
 
 # --- registry and official layout -------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [n for n in BACKBONES if n.startswith("SiT-")])
 def test_every_registered_size_builds_with_right_shapes(name):
-    size, patch = name[len("SiT-"):].split("/")
-    patch, arch = int(patch), MODEL_SIZES[size]
-    exit_block = 2 if size == "T" else 4
+    arch = SIT_SIZES[name[len("SiT-"):]]
+    patch = arch["patch_size"]
+    exit_block = 2 if name.startswith("SiT-T/") else 4
     with torch.device("meta"):
         model = build_backbone(name, input_size=32, in_channels=4, num_classes=1000, exits=[exit_block])
         x, t, y = torch.randn(2, 4, 32, 32), torch.rand(2), torch.randint(0, 1001, (2,))
@@ -248,12 +249,12 @@ def test_block_matches_handwritten_reference():
 # --- validation ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, field, value", [
-    (dict(exits=[0]), "model.exits", "0"),
-    (dict(exits=[4]), "model.exits", "4"),
-    (dict(exits=[2, 2]), "model.exits", "[2, 2]"),
-    (dict(exits=[], input_size=9), "model.input_size", "9"),
-    (dict(exits=[], num_heads=5), "model.hidden_size", "32"),
-    (dict(exits=[], num_classes=0), "model.num_classes", "0"),
+    (dict(exits=[0]), "model.backbone.exits", "0"),
+    (dict(exits=[4]), "model.backbone.exits", "4"),
+    (dict(exits=[2, 2]), "model.backbone.exits", "[2, 2]"),
+    (dict(exits=[], input_size=9), "model.backbone.input_size", "9"),
+    (dict(exits=[], num_heads=5), "model.backbone.hidden_size", "32"),
+    (dict(exits=[], size="M/2"), "model.backbone.size", "M/2"),
 ])
 def test_bad_model_config_is_one_line_naming_field_and_value(kwargs, field, value):
     with pytest.raises(ConfigError) as err:
@@ -266,10 +267,31 @@ def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ConfigError) as err:
         build_backbone("SiT-M/2", input_size=32, in_channels=4, num_classes=10, exits=[])
     message = str(err.value)
-    assert "\n" not in message and message.startswith("model.name") and "SiT-M/2" in message and "SiT-XL/2" in message
+    assert "\n" not in message and message.startswith("model.backbone") and "SiT-M/2" in message and "SiT-XL/2" in message
 
 
 def test_build_backbone_overrides_the_named_size():
     model = build_backbone("SiT-T/2", input_size=8, in_channels=3, num_classes=5, exits=[1], depth=2, hidden_size=64,
                            num_heads=4)
     assert (model.depth, model.hidden_size, model.blocks[0].attn.num_heads, model.patch_size) == (2, 64, 4, 2)
+
+
+def test_families_register_their_sizes_and_build_by_name():
+    model = build_backbone("SiT-S/4", input_size=16, in_channels=3, num_classes=7, exits=[3])
+    assert isinstance(model, SiT) and model.name == "SiT-S/4" and (model.depth, model.patch_size) == (12, 4)
+    assert BACKBONES["SiT-XL/2"] == (SiT, "XL/2")
+
+
+def test_stop_after_runs_only_the_blocks_it_needs_and_no_final_head():
+    model = _randomize(_tiny(exits=(2,)))
+    calls = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda *a, i=i: calls.append(i))
+    x, t, y = _inputs(model)
+    full = model(x, t, y, hidden=[2])
+    calls.clear()
+    early = model(x, t, y, hidden=[2], stop_after=2)
+    assert calls == [0, 1] and early.final is None
+    torch.testing.assert_close(early.hidden[2], full.hidden[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stop_after"):
+        model(x, t, y, hidden=[3], stop_after=2)

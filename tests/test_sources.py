@@ -8,7 +8,11 @@ from PIL import Image
 
 from igdit.config import ConfigError
 from igdit.data import ImageFolderSource, build_dataset, center_crop_arr, load_meta, load_source
-from igdit.data.cli import main as data_main
+from igdit.cli import main as igdit
+
+
+def data_main(argv):
+    return igdit(["data", *argv])
 
 
 def test_adm_crop_halves_with_box_then_crops_the_centre():

@@ -11,8 +11,12 @@ from mlflow.tracking import MlflowClient
 
 from igdit.config import ConfigError
 from igdit.data import load_meta
-from igdit.module import IGDiTModule
 from igdit.sweeps import SweepSpec, run_sweep
+
+from helpers import tiny_module
+
+RANDOM = {"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 0}}
+GRID = {"class_path": "optuna.samplers.GridSampler"}
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:.*covariance is singular")  # tiny K keeps the tests fast
@@ -22,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*covariance is singular")  # ti
 def checkpoint(tmp_path_factory, digits_root):
     """A tiny trained-looking checkpoint: the default model with perturbed weights and the digits' meta."""
     torch.manual_seed(0)
-    module = IGDiTModule()
+    module = tiny_module()
     with torch.no_grad():
         for p in module.backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -47,7 +51,7 @@ def _base(tmp_path, digits_root, **fid):
 def _sweep(tmp_path, digits_root, name="s", **fields):
     spec = {
         "study": {"name": name, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "direction": "minimize",
-                  "sampler": {"name": "random", "seed": 0}, "n_trials": 3},
+                  "sampler": RANDOM, "n_trials": 3},
         "kind": "sampling", "base": str(_base(tmp_path, digits_root)), "objective": {"setting": "ig"},
         "search_space": {"guidance.ig.scale": {"type": "float", "low": 1.0, "high": 3.0}},
         "mlflow": {"experiment": "sweeps", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
@@ -115,7 +119,7 @@ def test_running_the_same_sweep_again_continues_instead_of_redoing(tmp_path, dig
 def test_a_grid_sweep_covers_exactly_its_grid(tmp_path, digits_root, checkpoint):
     space = {"guidance.ig.scale": {"type": "float", "low": 1.0, "high": 2.0, "grid": [1.0, 2.0]},
              "guidance.ig.interval.low": {"type": "float", "low": 0.0, "high": 0.5, "grid": [0.0, 0.5]}}
-    path = str(_sweep(tmp_path, digits_root, study__sampler={"name": "grid"}, study__n_trials=None, search_space=space))
+    path = str(_sweep(tmp_path, digits_root, study__sampler=GRID, study__n_trials=None, search_space=space))
     spec = SweepSpec.load(path)
     assert spec.n_trials == 4
     run_sweep(spec, str(checkpoint), out=io.StringIO())
@@ -125,26 +129,37 @@ def test_a_grid_sweep_covers_exactly_its_grid(tmp_path, digits_root, checkpoint)
     assert combos == [(1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (2.0, 0.5)]
 
 
-def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path, digits_root, checkpoint):
-    space = {"guidance.ig.scale": {"type": "categorical", "choices": [-1.0, 2.0], "grid": [-1.0, 2.0]}}
-    path = _sweep(tmp_path, digits_root, study__sampler={"name": "grid"}, study__n_trials=None, search_space=space)
+def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path, digits_root, checkpoint,
+                                                                       monkeypatch):
+    from igdit import sweeps
+
+    space = {"guidance.ig.scale": {"type": "categorical", "choices": [1.5, 2.0], "grid": [1.5, 2.0]}}
+    path = _sweep(tmp_path, digits_root, study__sampler=GRID, study__n_trials=None, search_space=space)
+    original = sweeps.SamplingObjective.__call__
+
+    def fail_at_1_5(self, trial, values, run_id):
+        if values["guidance.ig.scale"] == 1.5:
+            raise RuntimeError("out of memory at scale 1.5")
+        return original(self, trial, values, run_id)
+
+    monkeypatch.setattr(sweeps.SamplingObjective, "__call__", fail_at_1_5)
     out = io.StringIO()
     run_sweep(SweepSpec.load(str(path)), str(checkpoint), out=out)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = {t.params["guidance.ig.scale"]: t.state.name for t in study.trials}
-    assert states == {-1.0: "FAIL", 2.0: "COMPLETE"}
+    assert states == {1.5: "FAIL", 2.0: "COMPLETE"}
     failed = next(t for t in study.trials if t.state.name == "FAIL")
-    assert "search_space.ig.ig.scale" in failed.user_attrs["error"]
+    assert "out of memory at scale 1.5" in failed.user_attrs["error"]
     _, trials = _runs(tmp_path, "trial")
     run = next(r for r in trials if r.data.tags["igdit.state"] == "FAIL")
-    assert run.info.status == "FAILED" and "ConfigError" in run.data.tags["igdit.error"]
+    assert run.info.status == "FAILED" and "RuntimeError" in run.data.tags["igdit.error"]
     assert "fail" in out.getvalue()
 
 
 def test_a_constraint_violation_prunes_the_trial_without_sampling(tmp_path, digits_root, checkpoint):
     space = {"guidance.ig.interval.low": {"type": "float", "low": 0.6, "high": 0.6, "grid": [0.6]},
              "guidance.ig.interval.high": {"type": "float", "low": 0.5, "high": 1.0, "grid": [0.5, 1.0]}}
-    path = _sweep(tmp_path, digits_root, study__sampler={"name": "grid"}, study__n_trials=None, search_space=space,
+    path = _sweep(tmp_path, digits_root, study__sampler=GRID, study__n_trials=None, search_space=space,
                   constraints=["guidance.ig.interval.low < guidance.ig.interval.high"])
     run_sweep(SweepSpec.load(str(path)), str(checkpoint), out=io.StringIO())
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -186,19 +201,22 @@ def test_an_interrupted_sweep_resumes_and_redoes_the_interrupted_trial(tmp_path,
     ({"kind": "tuning"}, "kind"),
     ({"base": "experiments/nope.yaml"}, "base"),
     ({"study__storage": "optuna.db"}, "study.storage"),
-    ({"study__sampler": {"name": "cmaes"}}, "study.sampler.name"),
-    ({"study__pruner": {"name": "hyperband"}}, "study.pruner.name"),
+    ({"study__sampler": {"class_path": "optuna.samplers.NoSuchSampler"}}, "study.sampler"),
+    ({"study__sampler": {"class_path": "optuna.samplers.TPESampler", "init_args": {"n_startup": 3}}},
+     "study.sampler.n_startup"),
+    ({"study__pruner": {"class_path": "optuna.pruners.Hyperbandish"}}, "study.pruner"),
     ({"study__n_trials": 0}, "study.n_trials"),
-    ({"search_space": {"model.exits": {"type": "int", "low": 1, "high": 3}}}, "search_space.model.exits"),
+    ({"search_space": {"model.backbone.exits": {"type": "int", "low": 1, "high": 3}}},
+     "search_space.model.backbone.exits"),
     ({"search_space": {"guidance.ig.scale": {"type": "float", "low": 3.0, "high": 1.0}}}, "search_space.guidance.ig.scale.high"),
     ({"search_space": {"guidance.ig.scale": {"type": "float", "low": 1, "high": 2, "grid": [5]}}}, "search_space.guidance.ig.scale.grid"),
     ({"search_space": {"guidance.ig.scale": {"type": "gaussian"}}}, "search_space.guidance.ig.scale.type"),
-    ({"study__sampler": {"name": "grid"}}, "search_space.guidance.ig.scale.grid"),
+    ({"study__sampler": GRID}, "search_space.guidance.ig.scale.grid"),
     ({"constraints": ["guidance.ig.scale < guidance.cfg.scale"]}, "constraints[0]"),
     ({"evaluation": {"num_samples": 1}}, "evaluation.num_samples"),
     ({"evaluation": {"every_n_steps": 10}}, "evaluation.every_n_steps"),
     ({"train": {"max_steps": 10}}, "train"),
-    ({"objective": {"goal": "fd"}}, "objective"),
+    ({"objective": {"goal": "fd"}}, "objective.goal"),
     ({"objective": {"setting": "ig", "metric": "is"}}, "objective.metric"),  # IS needs Inception features
     ({"sweep_name": "x"}, "sweep_name"),
 ])
@@ -220,7 +238,7 @@ def test_the_shipped_sweeps_load_and_name_their_base_experiment(monkeypatch):
         spec = SweepSpec.load(str(path))
         assert spec.base == "experiments/default.yaml" and spec.n_trials >= 8
     grid = SweepSpec.load("sweeps/ig_cfg_guidance.yaml")
-    assert grid.sampler["name"] == "grid" and grid.n_trials == 24
+    assert grid.is_grid() and grid.n_trials == 24
     layer = SweepSpec.load("sweeps/ig_layer.yaml")
     assert layer.kind == "training" and layer.evaluation_callback().every_n_steps == 200
 
@@ -232,22 +250,23 @@ def test_a_sampling_sweep_without_a_checkpoint_says_how_to_get_one(tmp_path, dig
 
 @pytest.mark.slow
 def test_a_training_sweep_trains_reports_fid_per_evaluation_and_logs_into_the_trial_run(tmp_path, digits_root):
-    space = {"model.exits": {"type": "int", "low": 1, "high": 2, "as_list": True, "grid": [1, 2]}}
-    path = _sweep(tmp_path, digits_root, kind="training", study__sampler={"name": "grid"}, study__n_trials=None,
+    space = {"model.backbone.exits": {"type": "int", "low": 1, "high": 2, "as_list": True, "grid": [1, 2]}}
+    path = _sweep(tmp_path, digits_root, kind="training", study__sampler=GRID, study__n_trials=None,
                   search_space=space, train={"max_steps": 20, "overrides": [
                       "--trainer.val_check_interval", "10", "--trainer.default_root_dir", str(tmp_path / "runs"),
                       "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5"]},
                   evaluation={"every_n_steps": 10, "num_samples": 20, "steps": 1})
     run_sweep(SweepSpec.load(str(path)), out=io.StringIO())
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert sorted(t.params["model.exits"] for t in study.trials) == [1, 2]
+    assert sorted(t.params["model.backbone.exits"] for t in study.trials) == [1, 2]
     client, trials = _runs(tmp_path, "trial")
     for trial in study.trials:
         assert trial.state.name == "COMPLETE"
         assert sorted(trial.intermediate_values) == [10, 20]  # reported at each FID evaluation, by global step
         assert trial.value == trial.intermediate_values[20]
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert run.data.params["exits"] == f"[{trial.params['model.exits']}]"  # the trial trained what it says
+        # the trial trained what it says
+        assert run.data.params["backbone/init_args/exits"] == f"[{trial.params['model.backbone.exits']}]"
         assert "train/loss" in run.data.metrics and "fd_digits/ig" in run.data.metrics
         history = client.get_metric_history(run.info.run_id, "fd_digits/ig")
         assert [m.value for m in history][-1] == pytest.approx(trial.value)

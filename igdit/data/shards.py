@@ -172,23 +172,6 @@ class _Encoder:
         return torch.cat(out)
 
 
-def _train_feature_net(out: Path, data: ArraySource, train_rows: np.ndarray, val_rows: np.ndarray,
-                       side: Optional[int], num_classes: int, seed: int) -> dict:
-    """Train the domain feature network behind ``fd_digits`` on the training split's images (as the shards
-    store them: upsampled when asked), measure it on the validation split, write it beside the shards."""
-    from igdit.images import to_uint8
-    from igdit.metrics.features import DIGITS_NET_FILE, save_digits_feature_net, train_digits_feature_net
-
-    images = {split: to_uint8(_to_unit(data.images[rows], side)) for split, rows in (("train", train_rows),
-                                                                                    ("val", val_rows))}
-    net, info = train_digits_feature_net(images["train"], data.labels[train_rows], images["val"],
-                                         data.labels[val_rows], num_classes, seed=seed)
-    save_digits_feature_net(net, out / DIGITS_NET_FILE, info)
-    return {"file": DIGITS_NET_FILE, "metric": "fd_digits", "network": "DigitsFeatureNet (small CNN, penultimate "
-            "layer)", "num_features": net.num_features, "trained_on": "train split", "accuracy_on": "val split",
-            **info}
-
-
 def _sample_seed(seed: int, row: int, flipped: bool) -> int:
     """The posterior-sample seed of one sample: depends on the build seed, the image and the flip only."""
     return (int(seed) << 32) + 2 * int(row) + int(flipped)
@@ -281,8 +264,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                   progress: bool = True, *, shard_size_mb: Optional[float] = None, flip: bool = False,
                   normalizer: str = "encoder", stats_images: int = 10_000, vae_path: Optional[str] = None,
                   latent: Optional[str] = None, resume: bool = False, batch_size: int = 64,
-                  workers: Optional[int] = None, device: Optional[str] = None,
-                  feature_net: Optional[bool] = None) -> dict:
+                  workers: Optional[int] = None, device: Optional[str] = None) -> dict:
     """Encode a source into train/val WebDataset shards under ``out_dir`` and return the meta.json dict.
 
     source: ``digits``, ``imagefolder:<dir>`` (or an ImageSource object); encoder: ``identity``,
@@ -298,8 +280,6 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     resume: continue an unfinished build in ``out_dir`` (same arguments); finished shards are kept.
     batch_size: images per encoder call; workers: processes decoding image files (default: 0 for array
     sources, min(8, cores) for files); device: where the encoder runs (default cuda:LOCAL_RANK if available).
-    feature_net: train the domain feature network of the ``fd_digits`` metric beside the shards (default: for
-    the digits source; in-memory sources only), its held-out accuracy in meta.json.
     Under torchrun every rank writes its share of the shards and rank 0 writes meta.json.
     Refuses (ConfigError on ``out_dir``) a finished build, and an unfinished one unless ``resume``.
     """
@@ -329,11 +309,6 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
         raise ConfigError("resolution", resolution, f"must be >= the source's image side ({h}x{w}); "
                           "only upsampling is offered")
     side = resolution if isinstance(data, ArraySource) else None
-    if feature_net is None:
-        feature_net = spec == "digits"
-    if feature_net and not isinstance(data, ArraySource):
-        raise ConfigError("feature_net", True, "the fd_digits network trains on small in-memory image sets such "
-                          "as digits; image folders are scored with Inception (FIDCallback feature: inception)")
     image_shape = list(_image_shape(data, side))
     latent_shape = list(enc.latent_shape(image_shape))
     per_shard = _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip)
@@ -429,8 +404,6 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                 "val_fraction": float(val_fraction),
                 "seed": int(seed),
                 "igdit_version": _igdit_version(),
-                "feature_net": (_train_feature_net(out, data, train_rows, val_rows, side, num_classes, seed)
-                                if feature_net else None),
             }
             # meta.json last, and atomically: a folder without it is an unfinished build.
             _write_json(out / META_FILE, meta)

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
+from torchmetrics.image.inception import InceptionScore
 
 from igdit.config import ConfigError
-from igdit.metrics.features import METRIC_NAMES, LastLogits, build_feature_net
+from igdit.data.encoders import decode_latents
+from igdit.generation import Sampling, class_labels, image_batches, rank_indices
+from igdit.guidance import Denoiser
+from igdit.images import to_uint8
+from igdit.metrics.features import METRIC_NAMES, LastLogits, build_feature_net, digits_feature_net
 from igdit.metrics.fid import ReferenceStats, load_reference, new_frechet_metric, reference_from_metric
 
 REFERENCE_SPLITS = ("train", "val")
@@ -33,9 +39,6 @@ def real_image_batches(datamodule, split: str, batch_size: int, rank: int = 0, w
                        max_samples: Optional[int] = None) -> Iterator[torch.Tensor]:
     """uint8 images (B, C, H, W) of this rank's share of a split's shards, decoded with the shards' own
     encoder and normaliser; at most ceil(max_samples / world_size) of them on each rank."""
-    from igdit.data.encoders import decode_latents
-    from igdit.images import to_uint8
-
     limit = None if max_samples is None else -(-max_samples // world_size)
     seen = 0
     for latents, _ in datamodule.latent_batches(split, batch_size, rank, world_size):
@@ -48,21 +51,34 @@ def real_image_batches(datamodule, split: str, batch_size: int, rank: int = 0, w
             return
 
 
+def reference_dir(datamodule) -> Path:
+    """Where statistics (and the digits network) computed from a data folder are cached: <root>/fid_refs/."""
+    return Path(datamodule.root) / REFERENCE_DIR
+
+
+def data_fingerprint(datamodule, split: Optional[str] = None) -> str:
+    """A hash of the shards (names and meta.json, which records each shard's sample count) of one split or of
+    all; anything cached from the data is keyed by it, so a rebuilt data set never meets a stale cache."""
+    urls = {s: [Path(u).name for u in (datamodule.train_urls if s == "train" else datamodule.val_urls)]
+            for s in ((split,) if split else ("train", "val"))}
+    return hashlib.sha256(json.dumps({"urls": urls, "meta": datamodule.meta}, sort_keys=True).encode()).hexdigest()
+
+
 class FrechetEvaluator:
     """Fréchet distance (and IS on Inception features) of generated image streams against a reference.
 
-    feature: "digits" (metric ``fd_digits``, the network beside the shards) or "inception" (``fid``).
-    data_root: the shards' folder (for the digits network and for train/val references).
+    feature: "digits" (metric ``fd_digits``, a network trained on the data set's own images) or "inception" (``fid``).
+    datamodule: the shards (for the digits network and for train/val references).
     inception_score: also compute the Inception Score (Inception features only).
     """
 
-    def __init__(self, feature: str, data_root: Optional[str] = None, inception_weights: Optional[str] = None,
+    def __init__(self, feature: str, datamodule=None, inception_weights: Optional[str] = None,
                  allow_download: bool = False, inception_score: bool = True, field: str = "feature",
                  weights_field: str = "inception_weights"):
-        from torchmetrics.image.inception import InceptionScore
-
         self.feature = feature
-        self.net = build_feature_net(feature, data_root, inception_weights, allow_download, field, weights_field)
+        digits = None if datamodule is None else (
+            lambda: digits_feature_net(datamodule, reference_dir(datamodule), data_fingerprint(datamodule)))
+        self.net = build_feature_net(feature, inception_weights, allow_download, field, weights_field, digits)
         self.metric_name = METRIC_NAMES[feature]
         self.num_features = int(self.net.num_features)
         self.fid = new_frechet_metric(self.net)
@@ -115,11 +131,9 @@ class FrechetEvaluator:
         return stats
 
     def _cache_path(self, datamodule, split: str, max_samples: Optional[int]) -> Path:
-        urls = datamodule.train_urls if split == "train" else datamodule.val_urls
-        digest = hashlib.sha256(json.dumps({"urls": [Path(u).name for u in urls], "meta": datamodule.meta,
-                                            "net": self._net_fingerprint()}, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(f"{data_fingerprint(datamodule, split)}-{self._net_fingerprint()}".encode()).hexdigest()
         count = "all" if max_samples is None else str(max_samples)
-        return Path(datamodule.root) / REFERENCE_DIR / f"{self.feature}-{split}-{count}-{digest[:12]}.npz"
+        return reference_dir(datamodule) / f"{self.feature}-{split}-{count}-{digest[:12]}.npz"
 
     def _net_fingerprint(self) -> str:
         digest = hashlib.sha256(type(self.net).__name__.encode())
@@ -161,37 +175,33 @@ def check_reference(reference: str, field: str) -> str:
     return reference
 
 
-def evaluate_settings(module, settings: dict, evaluator: FrechetEvaluator, num_samples: int, sampler: str,
-                      steps: int, labels: str = "balanced", seed: int = 0, batch_size: int = 250,
+def evaluate_settings(module, settings: dict, evaluator: FrechetEvaluator, num_samples: int, sampling: Sampling,
+                      labels: str = "balanced", seed: int = 0, batch_size: int = 250,
                       grid_size: int = 100, progress: bool = False) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """Generate ``num_samples`` images per guidance setting and score each against the evaluator's reference.
 
-    module: an IGDiTModule (backbone, transport, latent_shape, num_classes, data_meta); settings: name ->
-    GuidanceSetting. Every setting starts from the same per-sample noise and labels (seeded by ``seed``), and
+    module: an IGDiTModule (backbone, transport, latent_shape, num_classes, data_meta); settings: name -> a list
+    of guidance rules. Every setting starts from the same per-sample noise and labels (seeded by ``seed``), and
     this rank generates the samples rank, rank + world, ..., so the result does not depend on the rank count.
     Returns ({name: {"fd", "num_samples", "nfe", "seconds"[, "is", "is_std"]}}, {name: first <= grid_size
     images of this rank, uint8 (n, C, H, W) on the CPU}).
     """
-    import time
-
-    from igdit.sampling import class_labels, image_batches
-
     rank, world = _dist()
     all_labels = class_labels(num_samples, module.num_classes, labels, seed)
-    indices = list(range(rank, num_samples, world))
+    indices = rank_indices(num_samples, rank, world)
     results, grids = {}, {}
     was_training = module.training
     module.eval()
     try:
-        for name, setting in settings.items():
-            denoiser = setting.denoiser(module.backbone)
+        for name, rules in settings.items():
+            denoiser = Denoiser(module.backbone, rules)
             kept, nfe = [], 0
 
             def stream():
                 nonlocal nfe
                 held = 0
-                for images, nfe in image_batches(module, denoiser, sampler, steps, indices, all_labels[indices],
-                                                 seed, batch_size, progress):
+                for images, nfe in image_batches(module, denoiser, sampling, indices, all_labels[indices], seed,
+                                                 batch_size, progress):
                     if held < grid_size:
                         kept.append(images[: grid_size - held].cpu())
                         held += kept[-1].shape[0]

@@ -5,9 +5,10 @@ Two networks, named honestly in every log line:
 * ``inception`` -> metric ``fid``: Inception-v3 pool3 (2048-d) exactly as torchmetrics / torch-fidelity
   define it (the FID-Inception weights ported from TensorFlow). Real runs use it; its numbers are
   comparable with published FID-10k/50k only up to the known protocol differences (see the README).
-* ``digits`` -> metric ``fd_digits``: a small CNN trained on the digits data set itself by
-  ``igdit data build`` and stored beside the shards. Inception features of 8x8 greyscale digits carry
-  little signal, so the default run measures its samples in a feature space that knows digits.
+* ``digits`` -> metric ``fd_digits``: a small CNN trained on the data set itself (its training split, decoded
+  from the shards) the first time it is needed, then cached beside the reference statistics under a name that
+  hashes the shards. Inception features of 8x8 greyscale digits carry little signal, so the default run
+  measures its samples in a feature space that knows digits.
 
 Both take uint8 images (N, C, H, W) in [0, 255] and return (N, num_features) float features, so they
 plug into torchmetrics' ``FrechetInceptionDistance(feature=<module>)`` unchanged.
@@ -17,7 +18,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +29,6 @@ from igdit.config import ConfigError
 
 FEATURE_KINDS = ("digits", "inception")
 METRIC_NAMES = {"digits": "fd_digits", "inception": "fid"}
-DIGITS_NET_FILE = "fd_digits.pt"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release file
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          + INCEPTION_WEIGHTS_FILE)
@@ -83,7 +84,7 @@ def train_digits_feature_net(train_images: torch.Tensor, train_labels: torch.Ten
 
     Small random shifts (one pixel, by padding and cropping) keep it from memorising the 1.6k images.
     Returns (network in eval mode, {"train_accuracy", "val_accuracy", "epochs", ...}); the held-out
-    accuracy is what meta.json records. Deterministic for a fixed seed.
+    accuracy is stored with the cached network. Deterministic for a fixed seed.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
@@ -117,20 +118,51 @@ def train_digits_feature_net(train_images: torch.Tensor, train_labels: torch.Ten
 
 
 def save_digits_feature_net(net: DigitsFeatureNet, path: Path, info: dict) -> None:
-    """Write the network as plain tensors and containers (loads with torch.load(weights_only=True))."""
-    torch.save({"config": net.config(), "state_dict": net.state_dict(), "info": info}, path)
+    """Write the network as plain tensors and containers (loads with torch.load(weights_only=True)); never
+    replaces an existing file (another process may have written the same network first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as handle:
+        torch.save({"config": net.config(), "state_dict": net.state_dict(), "info": info}, handle)
 
 
-def load_digits_feature_net(path: str | os.PathLike, field: str = "feature") -> DigitsFeatureNet:
-    """The domain feature network written by ``igdit data build`` (ConfigError naming ``field`` if absent)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(field, "digits", f"needs the domain feature network {path}, which `igdit data build` "
-                          "writes beside the shards (rebuild the data into a new folder, or use feature: inception)")
+def load_digits_feature_net(path: str | os.PathLike) -> tuple[DigitsFeatureNet, dict]:
+    """A saved domain feature network and its training facts (accuracies, epochs, seed)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     net = DigitsFeatureNet(**saved["config"])
     net.load_state_dict(saved["state_dict"])
-    return net.eval().requires_grad_(False)
+    return net.eval().requires_grad_(False), saved["info"]
+
+
+def _split_images(datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images (N, C, H, W) uint8 and labels (N,) of a split, decoded from its shards in shard order."""
+    from igdit.data.encoders import decode_latents
+    from igdit.images import to_uint8
+
+    images, labels = [], []
+    for latents, y in datamodule.latent_batches(split, 512):
+        images.append(to_uint8(decode_latents(latents, datamodule.meta)))
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+def digits_feature_net(datamodule, cache_dir: Path, fingerprint: str) -> DigitsFeatureNet:
+    """The domain feature network of the shards in ``datamodule``: loaded from ``cache_dir`` when this data set
+    (``fingerprint``: a hash of its shards) already has one, else trained on the training split's images and
+    measured on the validation split, then cached (``fd_digits-<fingerprint>.pt``). Deterministic, and trained
+    on the CPU, so every rank of a multi-GPU run gets the same network."""
+    path = Path(cache_dir) / f"fd_digits-{fingerprint[:12]}.pt"
+    if not path.is_file():
+        (train_x, train_y), (val_x, val_y) = (_split_images(datamodule, s) for s in ("train", "val"))
+        net, info = train_digits_feature_net(train_x, train_y, val_x, val_y, datamodule.num_classes)
+        try:
+            save_digits_feature_net(net, path, info | {"trained_on": "train split", "accuracy_on": "val split"})
+        except FileExistsError:  # another rank or run wrote the same network meanwhile
+            pass
+        except OSError as err:
+            warnings.warn(f"could not cache the fd_digits network at {path} ({err}); it will be trained again "
+                          "next time", stacklevel=2)
+        return net
+    return load_digits_feature_net(path)[0]
 
 
 def inception_weights_candidates(weights_path: Optional[str]) -> list[Path]:
@@ -190,14 +222,14 @@ class LastLogits(nn.Module):
         return logits
 
 
-def build_feature_net(kind: str, data_root: Optional[str] = None, inception_weights: Optional[str] = None,
-                      allow_download: bool = False, field: str = "feature",
-                      weights_field: str = "inception_weights") -> nn.Module:
-    """The feature network called ``kind`` ("digits": from ``<data_root>/fd_digits.pt``; "inception")."""
+def build_feature_net(kind: str, inception_weights: Optional[str] = None, allow_download: bool = False,
+                      field: str = "feature", weights_field: str = "inception_weights",
+                      digits: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    """The feature network called ``kind``: "inception", or "digits" (built by ``digits()``, which knows the data)."""
     if kind not in FEATURE_KINDS:
         raise ConfigError(field, kind, "choose one of " + ", ".join(repr(k) for k in FEATURE_KINDS))
     if kind == "digits":
-        if data_root is None:
-            raise ConfigError(field, kind, "needs the data folder that holds fd_digits.pt")
-        return load_digits_feature_net(Path(data_root) / DIGITS_NET_FILE, field)
+        if digits is None:
+            raise ConfigError(field, kind, "needs the data folder (its shards) to train the digits network on")
+        return digits()
     return InceptionFeatures(inception_weights, allow_download, weights_field)

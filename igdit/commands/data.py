@@ -1,24 +1,24 @@
 """`igdit data build <source> <out_dir>`: encode a source into WebDataset shards of latents."""
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-from igdit.config import ConfigError
+from jsonargparse import ActionConfigFile
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+
+from igdit.config import config_parser
 from igdit.data.encoders import ENCODERS, LATENT_MODES, hf_cache_dir
 from igdit.data.shards import DEFAULT_SAMPLES_PER_SHARD, META_FILE, NORMALIZERS, build_dataset
 from igdit.data.sources import SOURCES
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="igdit data", description="Build the latent shards igdit trains on.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser(
-        "build", help="encode a source into train/val WebDataset shards plus meta.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _parser():
+    parser = config_parser(prog="igdit data", description="Build the latent shards igdit trains on.")
+    commands = parser.add_subcommands(dest="command", required=True)
+    build = config_parser(
         description="Encode a source into <out_dir>/train-*.tar, val-*.tar and meta.json (written last).\n"
                     "A finished out_dir (meta.json) is refused; an unfinished one only with --resume. Nothing is deleted.\n"
                     "Under torchrun (torchrun --nproc_per_node 8 -m igdit.cli data build ...) every rank encodes its\n"
@@ -26,45 +26,44 @@ def _parser() -> argparse.ArgumentParser:
                     "  igdit data build digits data/digits\n"
                     "  igdit data build imagefolder:/datasets/imagenet/train data/imagenet256 --encoder sd-vae-ft-ema \\\n"
                     "      --resolution 256 --flip --samples-per-shard 2500 --val-fraction 0.001")
-    build.add_argument("source", help=f"image source: {', '.join(SOURCES)} (imagefolder:<dir>, one sub-folder per class)")
-    build.add_argument("out_dir", help="folder for the shards, e.g. data/digits")
-    build.add_argument("--encoder", default="identity",
+    build.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    build.add_argument("source", type=str, help=f"image source: {', '.join(SOURCES)} (imagefolder:<dir>, one sub-folder per class)")
+    build.add_argument("out_dir", type=str, help="folder for the shards, e.g. data/digits")
+    build.add_argument("--encoder", type=str, default="identity",
                        help=f"latent encoder: {', '.join(ENCODERS)} or diffusers:<folder or hub id> (default identity)")
-    build.add_argument("--vae-path", default=None,
+    build.add_argument("--vae-path", type=Optional[str], default=None,
                        help="local folder with the VAE weights (save_pretrained layout); default: the Hugging Face "
                             f"cache ({hf_cache_dir()}); nothing is downloaded")
-    build.add_argument("--latent", default=None,
+    build.add_argument("--latent", type=Optional[str], default=None,
                        help=f"VAEs, one of {', '.join(LATENT_MODES)}: store a posterior sample (default; seeded "
                             "per image) or the posterior mean")
-    build.add_argument("--normalizer", default="encoder",
+    build.add_argument("--normalizer", type=str, default="encoder",
                        help=f"one of {', '.join(NORMALIZERS)}: the encoder's own scaling (0.18215 for SD-VAE; "
                             "default) or per-channel mean/std of --stats-images training latents")
-    build.add_argument("--stats-images", type=int, default=10_000,
+    build.add_argument("--stats-images", type=PositiveInt, default=10_000,
                        help="images the channel statistics are measured on (default 10000)")
-    build.add_argument("--resolution", type=int, default=None,
+    build.add_argument("--resolution", type=Optional[PositiveInt], default=None,
                        help="imagefolder: ADM centre-crop size (required, 256 for ImageNet 256x256); digits: upsample "
                             "to NxN (bilinear) before encoding; default: keep the source size")
     build.add_argument("--flip", action="store_true",
                        help="also write a horizontally flipped copy of every training image (key <row>-flip)")
-    build.add_argument("--samples-per-shard", type=int, default=None,
+    build.add_argument("--samples-per-shard", type=Optional[PositiveInt], default=None,
                        help=f"samples per .tar shard (default {DEFAULT_SAMPLES_PER_SHARD}); see the shard-count rule in "
                             "the README: several shards per GPU x data worker")
-    build.add_argument("--shard-size-mb", type=float, default=None,
+    build.add_argument("--shard-size-mb", type=Optional[PositiveFloat], default=None,
                        help="shard size in MiB instead of --samples-per-shard (4x32x32 latents: 10 KiB per sample)")
     build.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of each class held out for validation (default 0.1)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the train/val split and posterior samples (default 0)")
+    build.add_argument("--seed", type=NonNegativeInt, default=0, help="seed of the train/val split and posterior samples (default 0)")
     build.add_argument("--resume", action="store_true",
                        help="continue an unfinished build in out_dir (same arguments): finished shards are kept, "
                             "a half-written one is redone")
-    build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
-    build.add_argument("--workers", type=int, default=None,
+    build.add_argument("--batch-size", type=PositiveInt, default=64, help="images per encoder call (default 64)")
+    build.add_argument("--workers", type=Optional[NonNegativeInt], default=None,
                        help="processes decoding image files (default min(8, cores) for files, 0 for digits)")
-    build.add_argument("--device", default=None, help="encoder device (default cuda:LOCAL_RANK if available, else cpu)")
+    build.add_argument("--device", type=Optional[str], default=None, help="encoder device (default cuda:LOCAL_RANK if available, else cpu)")
     build.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    build.add_argument("--feature-net", action=argparse.BooleanOptionalAction, default=None,
-                       help="train the small classifier whose features give the fd_digits metric, beside the "
-                            "shards (default: on for digits)")
+    commands.add_subcommand("build", build, help="encode a source into train/val WebDataset shards plus meta.json")
     return parser
 
 
@@ -85,10 +84,6 @@ def _summary(meta: dict, out_dir: str, seconds: float) -> str:
         first = meta["skipped_images"]["first"][0]
         lines.append(f"  skipped {skipped} unreadable image(s), e.g. {first['image']} ({first['error']}); "
                      "all are listed in meta.json")
-    if meta.get("feature_net"):
-        net = meta["feature_net"]
-        lines.append(f"  fd_digits feature network {Path(out_dir) / net['file']}: held-out accuracy "
-                     f"{net['val_accuracy']:.3f} ({net['num_features']} features)")
     lines.append(f"  meta   {Path(out_dir) / META_FILE}")
     lines.append(f"train on it with --data.root {out_dir} (model.input_size {h}, model.in_channels {c}, "
                  f"model.num_classes {meta['num_classes']})")
@@ -96,25 +91,17 @@ def _summary(meta: dict, out_dir: str, seconds: float) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Run `igdit data ...`; returns the exit code (2 with one `error:` line on a bad value)."""
+    """Run `igdit data ...`; returns the exit code (bad values raise ConfigError: the dispatcher prints one line)."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "build":
-            start = time.perf_counter()
-            meta = build_dataset(args.source, args.out_dir, encoder=args.encoder, resolution=args.resolution,
-                                 samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
-                                 seed=args.seed, progress=args.progress, shard_size_mb=args.shard_size_mb,
-                                 flip=args.flip, normalizer=args.normalizer, stats_images=args.stats_images,
-                                 vae_path=args.vae_path, latent=args.latent, resume=args.resume,
-                                 batch_size=args.batch_size, workers=args.workers, device=args.device,
-                                 feature_net=args.feature_net)
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(_summary(meta, args.out_dir, time.perf_counter() - start))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "build":
+        a = args.build
+        start = time.perf_counter()
+        meta = build_dataset(a.source, a.out_dir, encoder=a.encoder, resolution=a.resolution,
+                             samples_per_shard=a.samples_per_shard, val_fraction=a.val_fraction, seed=a.seed,
+                             progress=a.progress, shard_size_mb=a.shard_size_mb, flip=a.flip,
+                             normalizer=a.normalizer, stats_images=a.stats_images, vae_path=a.vae_path,
+                             latent=a.latent, resume=a.resume, batch_size=a.batch_size, workers=a.workers,
+                             device=a.device)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(_summary(meta, a.out_dir, time.perf_counter() - start))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""`igdit eval`: the training-time Fréchet distance, offline.
+
+    igdit eval --ckpt runs/<exp>/<run>/checkpoints/last.ckpt --experiment experiments/default.yaml [-- --x.y value]
+        runs `igdit validate` on the checkpoint with the experiment's FIDCallback (same settings, same code path
+        as during training; the result is logged to MLflow as a new run) and prints the numbers; options after
+        `--` override the experiment as on `igdit fit`;
+    igdit eval --npz samples.npz --ref data/digits [--split train] [--feature digits]
+    igdit eval --npz samples.npz --ref VIRTUAL_imagenet256_labeled.npz --feature inception
+        scores an existing sample file (ADM layout: arr_0 N x H x W x 3 uint8) against a data folder's split
+        (decoded from its shards) or a reference .npz holding mu and sigma.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from jsonargparse import ActionConfigFile
+from jsonargparse.typing import PositiveInt
+
+from igdit.config import ConfigError, config_parser
+from igdit.data import LatentDataModule
+from igdit.metrics.evaluate import FrechetEvaluator
+from igdit.metrics.fid import ReferenceStats, warn_if_singular
+
+
+def build_parser():
+    parser = config_parser(prog="igdit eval", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_argument("--ckpt", type=Optional[str], default=None,
+                        help="igdit checkpoint to evaluate with the experiment's FIDCallback")
+    parser.add_argument("--experiment", type=Optional[str], default=None,
+                        help="experiment YAML whose trainer.callbacks hold an igdit.callbacks.FIDCallback")
+    parser.add_argument("--npz", type=Optional[str], default=None, help="sample file to score (arr_0: N x H x W x 3 uint8)")
+    parser.add_argument("--ref", type=Optional[str], default=None,
+                        help="data folder (its shards, decoded) or reference .npz with mu and sigma")
+    parser.add_argument("--split", type=Literal["train", "val"], default="train", help="split of a data folder --ref")
+    parser.add_argument("--feature", type=Optional[Literal["digits", "inception"]], default=None,
+                        help="feature network (default: digits for an identity-encoded data folder, else inception)")
+    parser.add_argument("--inception-weights", type=Optional[str], default=None,
+                        help="FID-Inception weights file (default: torch.hub cache)")
+    parser.add_argument("--batch-size", type=PositiveInt, default=250)
+    return parser
+
+
+def load_sample_file(path: str, field: str = "--npz") -> torch.Tensor:
+    """An ADM-layout sample file -> uint8 (N, 3, H, W)."""
+    if not Path(path).is_file():
+        raise ConfigError(field, path, "is not a file; pass a sample .npz written by `igdit sample`")
+    try:
+        images = np.load(path)["arr_0"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(field, path, f"could not be read as an .npz with arr_0 ({err!r})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(field, path, f"holds arr_0 {images.shape} {images.dtype}; expected N x H x W x 3 uint8")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optional[str] = None,
+                      inception_weights: Optional[str] = None, batch_size: int = 250) -> dict:
+    """Fréchet distance (and IS on Inception) of a sample file against a data folder's split or a stats file.
+    Returns the evaluator's result plus "metric" (fd_digits or fid)."""
+    images = load_sample_file(npz)
+    if ref is None:
+        raise ConfigError("--ref", ref, "pass a data folder or a reference .npz with mu and sigma")
+    datamodule = LatentDataModule(root=ref) if Path(ref).is_dir() else None
+    if feature is None:  # pixel-space data (the digits) has its own feature network; image data sets use Inception
+        feature = "digits" if datamodule is not None and datamodule.meta["encoder"]["name"] == "identity" else "inception"
+    evaluator = FrechetEvaluator(feature, datamodule, inception_weights, field="--feature",
+                                 weights_field="--inception-weights")
+    warn_if_singular(len(images), evaluator.num_features, "--npz")
+    if datamodule is not None:
+        evaluator.reference_from_data(datamodule, split, batch_size)
+    else:
+        evaluator.use_reference(ReferenceStats.load(ref, evaluator.num_features, feature, "--ref"))
+    return evaluator.score(images.split(batch_size)) | {"metric": evaluator.metric_name}
+
+
+def evaluate_checkpoint(ckpt: str, experiment: Optional[str], overrides: Sequence[str]) -> dict[str, dict]:
+    """`igdit validate --config <experiment> --ckpt_path <ckpt>` with the experiment's FIDCallback; its results."""
+    from igdit.callbacks import FIDCallback
+    from igdit.experiment import run_lightning_cli
+
+    if not Path(ckpt).is_file():
+        raise ConfigError("--ckpt", ckpt, "is not a file; pass an igdit checkpoint (.ckpt)")
+    if experiment is None:
+        raise ConfigError("--experiment", experiment, "pass the experiment YAML whose FIDCallback defines the evaluation")
+    cli = run_lightning_cli(["--config", experiment, *overrides], run=False)
+    callback = next((cb for cb in cli.trainer.callbacks if isinstance(cb, FIDCallback)), None)
+    if callback is None:
+        raise ConfigError("--experiment", experiment, "has no igdit.callbacks.FIDCallback in trainer.callbacks")
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+    return {f"{callback.metric_name}/{name}": result for name, result in callback.last_results.items()}
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.npz is not None:
+        if overrides or args.ckpt:
+            raise ConfigError("igdit eval", " ".join(overrides) or args.ckpt, "--npz scores a sample file; "
+                              "--ckpt and experiment overrides belong to checkpoint evaluation")
+        result = score_sample_file(args.npz, args.ref, args.split, args.feature, args.inception_weights,
+                                   args.batch_size)
+        line = f"{result['metric']} {result['fd']:.4f}  ({result['num_samples']} samples vs {args.ref}"
+        line += f", split {args.split})" if Path(args.ref).is_dir() else ")"
+        if "is" in result:
+            line += f"  IS {result['is']:.2f} +- {result['is_std']:.2f}"
+        print(line)
+        return 0
+    if args.ckpt is None:
+        raise ConfigError("igdit eval", None, "pass --ckpt and --experiment, or --npz and --ref")
+    results = evaluate_checkpoint(args.ckpt, args.experiment, overrides)
+    for name, result in results.items():
+        extra = f"  IS {result['is']:.2f}" if "is" in result else ""
+        print(f"{name:<24} {result['fd']:10.4f}{extra}   ({result['num_samples']} samples, NFE {result['nfe']}, "
+              f"{result['seconds']:.1f} s)")
+    return 0

@@ -1,0 +1,157 @@
+"""`igdit sample`: images from a checkpoint with any sampler and guidance, as an ADM-suite .npz and a grid.
+
+    igdit sample --ckpt model.ckpt --sampler sde --steps 250 --ig.scale 1.4 --ig.interval [0,1] \\
+        --cfg.scale 1.35 --cfg.interval [0,0.7] --num 50000 --labels random --out samples/
+    igdit sample --ckpt sit_xl2_ig.ckpt --preset sit-xl2-ig-cfg --num 50000 --out samples/
+
+The checkpoint's `state_dict` holds the EMA weights (Lightning's EMAWeightAveraging puts them there) and its
+hyper-parameters rebuild the model, so no experiment YAML is needed. Guidance flags come from the rule classes
+(``--<rule>.<field>``: ig, cfg, ag); a preset sets the published sampler, grid, guidance and labels, and flags
+given on the command line override it. Under torchrun each rank generates the indices i = rank (mod world),
+writes its part, and rank 0 merges the parts into `samples.npz` (`arr_0`: N x H x W x 3 uint8, in index order,
+the layout the ADM evaluation suite reads; `labels`: N class labels).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from jsonargparse import ActionConfigFile, Namespace
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from igdit.checkpoints import load_module, read_checkpoint
+from igdit.config import ConfigError, config_parser
+from igdit.generation import Sampling, class_labels, generate, rank_indices
+from igdit.guidance import RULES, build_rules
+from igdit.images import save_grid
+from igdit.presets import PRESETS, get_preset
+
+
+def build_parser():
+    parser = config_parser(prog="igdit sample", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_argument("--ckpt", type=str, required=True, help="igdit checkpoint (EMA weights in its state_dict)")
+    parser.add_argument("--experiment", type=Optional[str], default=None,
+                        help="the experiment YAML the checkpoint was trained with (optional; given, its model "
+                             "section must agree with the checkpoint)")
+    parser.add_argument("--preset", type=Optional[Literal[tuple(PRESETS)]], default=None,
+                        help="a published setting: " + ", ".join(PRESETS))
+    parser.add_class_arguments(Sampling, None, help="sampler and time grid")
+    for key, rule in RULES.items():
+        parser.add_class_arguments(rule, key, help=f"guidance rule {rule.__name__} (scale 1 is off)")
+    parser.add_argument("--num", type=PositiveInt, default=100, help="number of samples (the paper: 50000)")
+    parser.add_argument("--batch-size", type=PositiveInt, default=100, help="samples per batch and rank")
+    parser.add_argument("--labels", type=Literal["random", "balanced"], default="random",
+                        help="random or balanced (the 1.19 vs 1.07 FID of the paper)")
+    parser.add_argument("--seed", type=NonNegativeInt, default=0)
+    parser.add_argument("--out", type=str, default="samples", help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace samples.npz/samples.png in --out")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def parse(argv: list[str]) -> Namespace:
+    """Parse twice when a preset is named: its values become the defaults that the given options override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        preset = PRESETS[args.preset]
+        defaults = {f"{key}.{name}": value for key, fields in preset.guidance.items() for name, value in fields.items()}
+        defaults |= {k: v for k, v in vars(preset.sampling).items()} | {"labels": preset.labels}
+        parser.set_defaults(defaults)
+        args = parser.parse_args(argv)
+    return args
+
+
+def check_experiment(experiment: str, hparams: dict) -> None:
+    """One-line ConfigError when the experiment's model section disagrees with the checkpoint's model."""
+    from igdit.checkpoints import model_config
+    from igdit.experiment import parse_experiment
+
+    if not Path(experiment).is_file():
+        raise ConfigError("--experiment", experiment, "is not a file; pass the experiment YAML, e.g. "
+                                                      "experiments/default.yaml")
+    mine = parse_experiment(experiment).model.backbone
+    theirs = model_config(hparams)["backbone"]
+    if mine.class_path != theirs["class_path"]:
+        raise ConfigError("--experiment model.backbone", mine.class_path,
+                          f"the checkpoint was trained with {theirs['class_path']}")
+    for key, value in vars(mine.init_args).items():
+        if key in theirs["init_args"] and theirs["init_args"][key] != value:
+            raise ConfigError(f"--experiment model.backbone.{key}", value, f"the checkpoint was trained with "
+                              f"{key} {theirs['init_args'][key]!r}; pass the experiment it was trained with")
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # Everything is checked before a single sample is drawn.
+    sampling = Sampling(**{k: args[k] for k in vars(Sampling()).keys()})
+    if sampling.sampler == "sde" and sampling.steps < 2:
+        raise ConfigError("--steps", sampling.steps, "the sde sampler needs at least 2 steps")
+    out = Path(args.out)
+    existing = [p for p in (out / "samples.npz", out / "samples.png") if p.exists()]
+    if existing and not args.overwrite:
+        raise ConfigError("--out", str(out), f"already holds {existing[0].name}; pass --overwrite or another folder")
+    rules = build_rules({key: vars(args[key]) for key in RULES}, "guidance")
+    if args.experiment is not None:
+        check_experiment(args.experiment, read_checkpoint(args.ckpt)["hyper_parameters"])
+    device = args.device
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    module = load_module(args.ckpt, device=device)
+    if args.preset:
+        get_preset(args.preset, module.backbone)
+    if module.data_meta is None:
+        raise ConfigError("--ckpt", args.ckpt, "carries no shard meta.json (encoder and normaliser), so its latents "
+                          "cannot be decoded to images; train it with igdit or import it with its VAE (--vae)")
+    labels = class_labels(args.num, module.num_classes, args.labels, args.seed)
+
+    indices = rank_indices(args.num, rank, world)
+    start = time.perf_counter()
+    images, nfe, denoiser = generate(module, rules, sampling, indices, labels[indices], args.seed, args.batch_size,
+                                     progress=rank == 0)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / f"part-{rank:05d}-of-{world:05d}.npz"
+    np.savez(part, arr_0=images, indices=np.asarray(indices))
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        merged = merge_parts(out, world, args.num)
+        np.savez(out / "samples.npz", arr_0=merged, labels=labels.numpy())
+        grid = out / "samples.png"
+        if args.overwrite and grid.exists():
+            grid.unlink()
+        save_grid(torch.from_numpy(merged).permute(0, 3, 1, 2), grid)
+        batches = -(-len(indices) // args.batch_size)
+        print(f"wrote {out / 'samples.npz'} (arr_0 {tuple(merged.shape)} uint8) and {grid}")
+        print(f"sampler {sampling.sampler}, {sampling.steps} steps: NFE {nfe} per sample; network forward passes "
+              f"{denoiser.network_passes // max(batches, 1)} per batch, relative cost "
+              f"{denoiser.network_rows / max(nfe * len(indices), 1):.3f} x an unguided run; {seconds:.1f} s on rank 0")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def merge_parts(out: Path, world: int, num: int) -> np.ndarray:
+    """Merge part-*-of-<world>.npz into one (num, H, W, 3) array in sample-index order, then remove the parts."""
+    parts = [out / f"part-{r:05d}-of-{world:05d}.npz" for r in range(world)]
+    loaded = [np.load(p) for p in parts]
+    indices = np.concatenate([p["indices"] for p in loaded])
+    images = np.concatenate([p["arr_0"] for p in loaded])
+    if sorted(indices.tolist()) != list(range(num)):
+        raise RuntimeError(f"the parts in {out} do not cover samples 0..{num - 1} exactly once")
+    merged = np.empty_like(images)
+    merged[indices] = images
+    for p in parts:  # this run's own temporary files
+        p.unlink()
+    return merged

@@ -1,0 +1,116 @@
+"""An experiment YAML through the Lightning CLI: what `igdit fit` and `igdit validate` run, and the one path by
+which `igdit eval` and training sweeps read and build an experiment.
+
+Any config field can be overridden on the command line with its dotted path, e.g.
+`igdit fit --config experiments/default.yaml --model.backbone.exits [4] --model.terms.ig_exit.weight 0.25`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
+
+from igdit.config import ConfigError
+from igdit.data import LatentDataModule
+from igdit.distributed import check_launch
+from igdit.module import IGDiTModule
+from igdit.tracking import RunConfigSaver, run_directory
+
+
+class IGDiTCLI(LightningCLI):
+    """LightningCLI with igdit's launch checks, run folder and end-of-run summary; subcommands fit and validate."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # test and predict would do nothing useful for a generative model: igdit eval and igdit sample do that.
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        # Under torchrun/srun the process layout is fixed: trainer.devices and num_nodes must match it.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer") or {}
+        check_launch(trainer.get("devices"), trainer.get("num_nodes"))
+
+    def before_fit(self) -> None:
+        # Shapes and the world first: a mismatch must stop before anything (an MLflow run included) is created,
+        # and before Lightning starts the other processes.
+        self.datamodule.check_model(self.model.latent_shape, self.model.num_classes)
+        trainer = self.trainer
+        # trainer.world_size is still 1 here (the strategy sets it when it starts the processes): count it.
+        self.datamodule.check_world_size(trainer.num_nodes * trainer.num_devices)
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: no subcommand
+        resuming = config.get("ckpt_path") is not None
+        for checkpoint in trainer.checkpoint_callbacks:
+            if checkpoint.dirpath is None:
+                # Each run gets its own folder, so no run can overwrite another run's checkpoints.
+                checkpoint.dirpath = str(run_directory(trainer) / "checkpoints")
+            folder = Path(checkpoint.dirpath)
+            if not resuming and folder.is_dir() and any(folder.iterdir()):
+                raise ConfigError("ModelCheckpoint.dirpath", checkpoint.dirpath, "already holds checkpoints of "
+                                  "another run; choose an empty folder (nothing is deleted)")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer), flush=True)
+
+
+def run_summary(trainer) -> str:
+    """What a person needs after a run: where the MLflow run is, the final losses, the sample grid."""
+    lines = ["", "== igdit run finished =="]
+    logger = trainer.logger
+    if isinstance(logger, MLFlowLogger):
+        uri = logger._tracking_uri
+        lines.append(f"MLflow run      {logger.run_id} (experiment '{logger._experiment_name}') in {uri}")
+        lines.append(f"  open it with  mlflow ui --backend-store-uri {uri}")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and v.numel() == 1}
+    losses = {k: v for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/")) and "per_sec" not in k}
+    if losses:
+        lines.append("final losses    " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        lines.append("                (val/* are scored with the EMA weights when EMAWeightAveraging is on)")
+    scores = {k: v for k, v in sorted(metrics.items()) if k.split("/")[0] in ("fd_digits", "fid", "is")}
+    if scores:
+        lines.append("sample quality  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    logged = trainer.logged_metrics
+    if "train/time" in logged and "train/samples" in logged:  # from ThroughputMonitor; validation excluded
+        seconds, samples = float(logged["train/time"]), float(logged["train/samples"])
+        lines.append(f"training        {seconds:.0f} s, {samples / max(seconds, 1e-9):.0f} samples/s")
+    samples = next((cb.path for cb in trainer.callbacks if getattr(cb, "path", None) is not None), None)
+    if samples is not None:
+        lines.append(f"samples         {samples}  (one row per class; left: final head, right: Internal Guidance)")
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
+        lines.append(f"checkpoint      {trainer.checkpoint_callback.last_model_path}")
+    return "\n".join(lines)
+
+
+def run_lightning_cli(argv: list[str] | None, run: bool = True) -> IGDiTCLI:
+    """Build (and by default run) the LightningCLI on `argv`; a sweep trial and `igdit eval` reuse this path."""
+    return IGDiTCLI(
+        IGDiTModule,
+        LatentDataModule,
+        args=argv,
+        run=run,
+        save_config_callback=RunConfigSaver,
+        save_config_kwargs={"save_to_log_dir": False},
+        # exit_on_error=False: a bad value raises instead of printing the whole usage; the dispatcher prints one line.
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+        auto_configure_optimizers=False,  # the optimiser is model.optimizer (IGDiTModule.configure_optimizers)
+    )
+
+
+class _ParseOnly(IGDiTCLI):
+    """The CLI's parser and its checks, without building anything."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_experiment(config: str, overrides: list[str] = ()):
+    """The experiment ``config`` with ``overrides``, parsed and validated exactly as `igdit fit` does, but nothing
+    built (no model, no MLflow run): a jsonargparse Namespace with ``model``, ``data``, ``trainer``, ..."""
+    return _ParseOnly(IGDiTModule, LatentDataModule, args=["--config", config, *overrides], run=False,
+                      save_config_callback=None, parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+                      auto_configure_optimizers=False).config

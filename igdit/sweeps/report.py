@@ -1,0 +1,117 @@
+"""A study in MLflow: one parent run per study (reused when it continues), one nested run per trial."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import optuna
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+
+from igdit.sweeps.spec import SweepSpec
+from igdit.tracking import default_artifact_location, default_tracking_uri
+
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+class SweepTracker:
+    """Reports a study to MLflow with explicit run ids (no global MLflow state, so several workers and a
+    Lightning logger inside a trial can write side by side). Optuna's MLflowCallback logs each trial only
+    after it ends and marks failed trials FINISHED; here a trial's run exists while it trains, and a
+    failed trial's run is FAILED with its error."""
+
+    def __init__(self, spec: SweepSpec):
+        self.uri = spec.tracking_uri or default_tracking_uri()
+        self.client = MlflowClient(self.uri)
+        experiment = self.client.get_experiment_by_name(spec.mlflow_experiment)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            spec.mlflow_experiment, artifact_location=None if spec.tracking_uri else default_artifact_location())
+        self.spec = spec
+        self.parent_id = self._parent_run()
+
+    def _parent_run(self) -> str:
+        """The study's parent run: reused when the study continues, so a study has one parent."""
+        tags = f"tags.`igdit.study` = '{self.spec.name}' and tags.`igdit.storage` = '{self.spec.storage}' " \
+               "and tags.`igdit.role` = 'study'"
+        found = self.client.search_runs([self.experiment_id], filter_string=tags, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.spec.name, tags={
+            "igdit.study": self.spec.name, "igdit.storage": self.spec.storage, "igdit.role": "study",
+            "igdit.kind": self.spec.kind, "igdit.sweep_file": self.spec.path, "igdit.base": self.spec.base})
+        self.client.log_artifact(run.info.run_id, self.spec.path)
+        return run.info.run_id
+
+    def start_trial(self, trial) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.spec.name}-trial-{trial.number}", tags={
+            "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "trial",
+            "igdit.trial": str(trial.number)})
+        return run.info.run_id
+
+    def end_trial(self, run_id: str, number: int, state: str, params: dict, value: Optional[float],
+                  attrs: dict) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        if value is not None and math.isfinite(value):
+            self.client.log_metric(run_id, "objective", value)
+        tags = {"igdit.state": state, **{f"igdit.{k}": str(v)[:4000] for k, v in attrs.items()}}
+        for key, text in tags.items():
+            self.client.set_tag(run_id, key, text)
+        self.client.set_terminated(run_id, status="FAILED" if state == "FAIL" else "FINISHED")
+
+    def finish(self, study, interrupted: bool = False) -> Optional[dict]:
+        """Best value and parameters (tags and metrics: they change as a study continues) and plots."""
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        counts = {s: sum(t.state.name == s for t in study.trials) for s in FINISHED}
+        self.client.set_tag(self.parent_id, "igdit.trials", " ".join(f"{k.lower()} {v}" for k, v in counts.items()))
+        best = None
+        if complete:
+            trial = study.best_trial
+            best = {"value": trial.value, "params": trial.params, "number": trial.number}
+            step = len(study.trials)
+            self.client.log_metric(self.parent_id, "best_value", trial.value, step=step)
+            self.client.set_tag(self.parent_id, "igdit.best_trial", str(trial.number))
+            for key, value in trial.params.items():
+                self.client.set_tag(self.parent_id, f"best.{key}", str(value))
+            self._plots(study, step)
+        self.client.set_terminated(self.parent_id, status="KILLED" if interrupted else "FINISHED")
+        return best
+
+    def _plots(self, study, step: int) -> None:
+        """Optuna's history, importances and contour plots, as HTML (plotly) and PNG (matplotlib), under
+        plots/after-<n>-trials/: the plots of an earlier session of the study are kept, not replaced."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import optuna.visualization as vis
+        import optuna.visualization.matplotlib as vis_png
+
+        names = list(self.spec.search_space)
+        plots = {"history": lambda m: m.plot_optimization_history(study)}
+        if len(names) > 1:
+            plots["importances"] = lambda m: m.plot_param_importances(study)
+            pairs = [p for p in names if p.endswith(("interval.low", "interval.high"))]
+            scale = [p for p in names if p.endswith("scale")]
+            shown = (scale[:1] + pairs) if scale and pairs else names
+            plots["contour"] = lambda m: m.plot_contour(study, params=shown[:3])
+        folder = f"plots/after-{step}-trials"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib twins
+            for name, make in plots.items():
+                try:
+                    self.client.log_figure(self.parent_id, make(vis), f"{folder}/{name}.html")
+                    axes = make(vis_png)
+                    figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+                    self.client.log_figure(self.parent_id, figure, f"{folder}/{name}.png")
+                    plt.close(figure)
+                except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. importances of one trial
+                    self.client.log_text(self.parent_id, f"not plotted after {step} trials: {err}\n",
+                                         f"{folder}/{name}.txt")
+
+
+def finished_trials(study) -> int:
+    """Trials that used up budget: complete, pruned, or failed by an error (not by Ctrl-C)."""
+    return sum(t.state.name in FINISHED and not t.user_attrs.get("interrupted") for t in study.trials)

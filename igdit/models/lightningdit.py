@@ -59,11 +59,16 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def _norm(dim: int, use_rmsnorm: bool) -> nn.Module:
+    """The block and head norm: RMSNorm with gain, or LayerNorm without affine (eps 1e-6) as DiT."""
+    return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
 def swiglu_hidden(hidden_size: int, mlp_ratio: float) -> int:
     """SwiGLU hidden width: 2/3 of the GELU MLP's, truncated exactly as the official code does.
 
-    ``int(2/3 * int(D * mlp_ratio))``: XL (1152) -> 3072, L (1024) -> 2730. Keeping 2/3 outside keeps the
-    parameter count of the GELU MLP (two input projections instead of one).
+    ``int(2/3 * int(D * mlp_ratio))``: XL (1152) -> 3072, L (1024) -> 2730 (no rounding to a multiple of 8).
+    The 2/3 keeps the parameter count of the GELU MLP: three D x H matrices instead of two D x 4D.
     """
     return int(2 / 3 * int(hidden_size * mlp_ratio))
 
@@ -201,9 +206,6 @@ class FinalLayer(nn.Module):
         n, t = x.shape[:2]
         return x.reshape(n, t, self.patch_pixels, self.out_channels)[..., :self.keep].reshape(n, t, -1)
 
-
-def _norm(dim: int, use_rmsnorm: bool) -> nn.Module:
-    return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class LightningDiT(Backbone):

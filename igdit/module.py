@@ -25,9 +25,12 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat
+from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+# The private context the LightningCLI itself uses to record a module's config as its hyper-parameters.
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
-from igdit.config import ConfigError, instantiate
+from igdit.config import ConfigError, config_parser, instantiate, plain_config
 from igdit.models import Backbone
 from igdit.objectives import DiffusionLoss, ExitLoss, LossInputs, LossTerm, Objective
 from igdit.transport import Transport
@@ -116,8 +119,6 @@ class IGDiTModule(pl.LightningModule):
 
     def training_flops(self, batch_size: int) -> int:
         """FLOPs of one training step's forward + backward on `batch_size` samples, counted on the meta device."""
-        from lightning.fabric.utilities.throughput import measure_flops
-
         config = self.hparams.get("backbone")
         with torch.device("meta"):
             model = instantiate(Backbone, config) if isinstance(config, dict) else copy.deepcopy(self.backbone).to("meta")
@@ -189,9 +190,6 @@ def build_module(config: dict) -> IGDiTModule:
     """An IGDiTModule from an experiment's ``model:`` section (a plain dict), parsed and instantiated exactly as
     the Lightning CLI does, so its hyper-parameters are the resolved config and its checkpoints reload with
     ``IGDiTModule.load_from_checkpoint`` (and ``torch.load(weights_only=True)``)."""
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
-
-    from igdit.config import config_parser, plain_config
 
     parser = config_parser()
     parser.add_class_arguments(IGDiTModule, "model", fail_untyped=False)

@@ -1,4 +1,18 @@
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def own_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in a folder of its own, never in the checkout: a user runs `make train` before `make test`,
+    and no test may read or write their runs/, mlflow.db, mlartifacts/, optuna.db or built data (every relative
+    default -- runs/, sqlite:///mlflow.db, sqlite:///optuna.db, data/digits -- now points into the empty folder)."""
+    folder = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

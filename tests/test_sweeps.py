@@ -36,14 +36,14 @@ def checkpoint(tmp_path_factory, digits_root):
     return path
 
 
-def _base(tmp_path, digits_root, **fid):
+def _base(tmp_path, digits_root, name="base.yaml", **fid):
     """The default experiment pointed at the test shards, with a FIDCallback small enough for a test."""
     cfg = yaml.safe_load((REPO / "experiments/default.yaml").read_text())
     cfg["data"]["root"] = str(digits_root)
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("FIDCallback"):
             cb["init_args"].update({"num_samples": 20, "sampler": "euler", "steps": 1, "batch_size": 20} | fid)
-    path = tmp_path / "base.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -248,6 +248,25 @@ def test_a_sampling_sweep_without_a_checkpoint_says_how_to_get_one(tmp_path, dig
         run_sweep(SweepSpec.load(str(_sweep(tmp_path, digits_root))), None, out=io.StringIO())
 
 
+def test_the_suites_lookups_ignore_a_populated_checkout(tmp_path, digits_root, checkpoint, own_working_directory,
+                                                        monkeypatch):
+    """After `make train` the checkout holds runs/<experiment>/<run>/checkpoints/last.ckpt: a lookup run from the
+    checkout finds it, and the same lookup in a test (its own working directory) does not."""
+    from igdit.sweeps import latest_checkpoint
+
+    checkout = tmp_path / "checkout"
+    found = checkout / "runs" / "igdit-digits" / "run0" / "checkpoints" / "last.ckpt"
+    found.parent.mkdir(parents=True)
+    found.write_bytes(checkpoint.read_bytes())
+    spec = SweepSpec.load(str(_sweep(tmp_path, digits_root)))
+    assert Path.cwd() == own_working_directory and not any(own_working_directory.iterdir())
+    assert latest_checkpoint(spec) is None
+    with pytest.raises(ConfigError, match="^checkpoint: .*make train"):
+        run_sweep(spec, None, out=io.StringIO())
+    monkeypatch.chdir(checkout)  # what a user's sweep in the checkout sees
+    assert Path(latest_checkpoint(spec)).resolve() == found.resolve()
+
+
 @pytest.mark.slow
 def test_a_training_sweep_trains_reports_fid_per_evaluation_and_logs_into_the_trial_run(tmp_path, digits_root):
     space = {"model.backbone.exits": {"type": "int", "low": 1, "high": 2, "as_list": True, "grid": [1, 2]}}
@@ -270,3 +289,24 @@ def test_a_training_sweep_trains_reports_fid_per_evaluation_and_logs_into_the_tr
         assert "train/loss" in run.data.metrics and "fd_digits/ig" in run.data.metrics
         history = client.get_metric_history(run.info.run_id, "fd_digits/ig")
         assert [m.value for m in history][-1] == pytest.approx(trial.value)
+
+
+def test_autoguidance_is_searchable_in_a_sampling_sweep(tmp_path, digits_root, checkpoint):
+    """The base FIDCallback's setting guides with a weaker checkpoint; the sweep searches its scale."""
+    guide = torch.load(checkpoint, weights_only=True)
+    torch.manual_seed(5)
+    guide["state_dict"] = {k: v + 0.05 * torch.randn_like(v) for k, v in guide["state_dict"].items()}
+    torch.save(guide, tmp_path / "guide.ckpt")
+    base = _base(tmp_path, digits_root, "ag_base.yaml",
+                 settings={"ag": {"ag": {"scale": 2.0, "ckpt": str(tmp_path / "guide.ckpt")}}, "none": {}})
+    path = _sweep(tmp_path, digits_root, objective={"setting": "ag"}, study__sampler=GRID, study__n_trials=None,
+                  search_space={"guidance.ag.scale": {"type": "float", "low": 1.0, "high": 3.0, "grid": [1.0, 3.0]}})
+    raw = yaml.safe_load(path.read_text())
+    raw["base"] = str(base)
+    path.write_text(yaml.safe_dump(raw))
+    run_sweep(SweepSpec.load(str(path)), str(checkpoint), out=io.StringIO())
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    values = {t.params["guidance.ag.scale"]: t.value for t in study.trials}
+    assert set(values) == {1.0, 3.0} and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert values[1.0] != pytest.approx(values[3.0], rel=1e-3)  # the guide network changed the samples
+    assert all(t.user_attrs["nfe"] == 1 for t in study.trials)  # NFE counts the sampler's steps, not networks

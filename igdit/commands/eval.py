@@ -19,8 +19,10 @@ import torch
 from jsonargparse import ActionConfigFile
 from jsonargparse.typing import PositiveInt
 
+from igdit.callbacks import FIDCallback
 from igdit.config import ConfigError, config_parser
 from igdit.data import LatentDataModule
+from igdit.experiment import run_lightning_cli
 from igdit.metrics.evaluate import FrechetEvaluator
 from igdit.metrics.fid import ReferenceStats, warn_if_singular
 
@@ -79,9 +81,6 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
 
 def evaluate_checkpoint(ckpt: str, experiment: Optional[str], overrides: Sequence[str]) -> dict[str, dict]:
     """`igdit validate --config <experiment> --ckpt_path <ckpt>` with the experiment's FIDCallback; its results."""
-    from igdit.callbacks import FIDCallback
-    from igdit.experiment import run_lightning_cli
-
     if not Path(ckpt).is_file():
         raise ConfigError("--ckpt", ckpt, "is not a file; pass an igdit checkpoint (.ckpt)")
     if experiment is None:

@@ -24,8 +24,9 @@ import torch
 from jsonargparse import ActionConfigFile, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from igdit.checkpoints import load_module, read_checkpoint
+from igdit.checkpoints import load_module, model_config, read_checkpoint
 from igdit.config import ConfigError, config_parser
+from igdit.experiment import parse_experiment
 from igdit.generation import Sampling, class_labels, generate, rank_indices
 from igdit.guidance import RULES, build_rules
 from igdit.images import save_grid
@@ -70,9 +71,6 @@ def parse(argv: list[str]) -> Namespace:
 
 def check_experiment(experiment: str, hparams: dict) -> None:
     """One-line ConfigError when the experiment's model section disagrees with the checkpoint's model."""
-    from igdit.checkpoints import model_config
-    from igdit.experiment import parse_experiment
-
     if not Path(experiment).is_file():
         raise ConfigError("--experiment", experiment, "is not a file; pass the experiment YAML, e.g. "
                                                       "experiments/default.yaml")

@@ -54,7 +54,7 @@ class Autoguidance(GuidanceRule):
                 raise ConfigError("guidance.ag.ckpt", self.ckpt, f"the guide's {name} {getattr(self.guide, name)} "
                                   f"differs from the main model's {getattr(backbone, name)}")
 
-    def apply(self, v: torch.Tensor, output, run) -> torch.Tensor:
+    def apply(self, v: torch.Tensor, output, run, t: float) -> torch.Tensor:
         return autoguidance(v, run(self.guide).final, self.scale)
 
     def describe(self) -> dict:

@@ -58,9 +58,9 @@ class GuidanceRule:
         """Exit heads the main forward pass must run while the rule is active."""
         return ()
 
-    def apply(self, v: torch.Tensor, output, run: Callable) -> torch.Tensor:
-        """Branch rules: the guided velocity from v (N, C, H, W), the pass's DiTOutput and ``run(net, exits)``,
-        which runs another network on the same x, t and labels (counted in the cost)."""
+    def apply(self, v: torch.Tensor, output, run: Callable, t: float) -> torch.Tensor:
+        """Branch rules: the guided velocity from v (N, C, H, W), the pass's DiTOutput, ``run(net, exits)``, which
+        runs another network on the same x, t and labels (counted in the cost), and the time t (1 = noise)."""
         raise NotImplementedError
 
     def combine(self, v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class Denoiser:
         v = output.final
         for rule in active:
             if rule.acts == "branch":
-                v = rule.apply(v, output, run)
+                v = rule.apply(v, output, run, t)
         if across is not None:
             v = across.combine(*v.chunk(2))
         return v

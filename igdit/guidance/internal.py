@@ -43,7 +43,7 @@ class InternalGuidance(GuidanceRule):
     def exits_needed(self) -> tuple[int, ...]:
         return (self.exit,)
 
-    def apply(self, v: torch.Tensor, output, run) -> torch.Tensor:
+    def apply(self, v: torch.Tensor, output, run, t: float) -> torch.Tensor:
         return internal_guidance(v, output.exits[self.exit], self.scale)
 
     def describe(self) -> dict:

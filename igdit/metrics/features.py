@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igdit.config import ConfigError
+from igdit.data.encoders import decode_latents
+from igdit.images import to_uint8
 
 FEATURE_KINDS = ("digits", "inception")
 METRIC_NAMES = {"digits": "fd_digits", "inception": "fid"}
@@ -135,9 +137,6 @@ def load_digits_feature_net(path: str | os.PathLike) -> tuple[DigitsFeatureNet, 
 
 def _split_images(datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All images (N, C, H, W) uint8 and labels (N,) of a split, decoded from its shards in shard order."""
-    from igdit.data.encoders import decode_latents
-    from igdit.images import to_uint8
-
     images, labels = [], []
     for latents, y in datamodule.latent_batches(split, 512):
         images.append(to_uint8(decode_latents(latents, datamodule.meta)))

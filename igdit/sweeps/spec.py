@@ -31,10 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import optuna
 import yaml
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
-from igdit.config import ConfigError, build
+from igdit.callbacks import FIDCallback
+from igdit.config import ConfigError, build, instantiate, one_line
+from igdit.experiment import parse_experiment
+from igdit.guidance import RULES, build_rules, describe
 
 KINDS = ("sampling", "training")
 EVALUATION_KEYS = ("num_samples", "sampler", "steps", "schedule", "labels", "seed", "batch_size", "every_n_steps")
@@ -235,10 +239,6 @@ class SweepSpec:
         """The sampler, built from its class_path and init_args. A grid sampler gets the search space's grids.
         A seeded sampler is re-seeded with seed + ``finished`` (trials already in the study), so a study that
         continues after a restart draws new parameters instead of replaying the ones it has."""
-        import optuna
-
-        from igdit.config import instantiate
-
         args = dict(self.sampler.get("init_args") or {})
         if self.is_grid():
             args.setdefault("search_space", {p: (s.grid if s.grid is not None else s.choices)
@@ -249,21 +249,13 @@ class SweepSpec:
                            "study.sampler")
 
     def optuna_pruner(self):
-        import optuna
-
-        from igdit.config import instantiate
-
         return instantiate(optuna.pruners.BasePruner, self.pruner, "study.pruner")
 
     # ---- the base experiment and its evaluation -----------------------------------------------------------
     def _parse_base(self):
-        from igdit.experiment import parse_experiment
-
         try:
             return parse_experiment(self.base)
         except Exception as err:  # the experiment's own one-line error, named as the sweep's base
-            from igdit.config import one_line
-
             raise ConfigError("base", self.base, one_line(err)) from None
 
     def fid_callback(self) -> dict:
@@ -284,8 +276,6 @@ class SweepSpec:
         """The FIDCallback every trial is scored with: the base experiment's, with ``evaluation`` put in. A
         sampling trial scores only the objective's setting (the search changes it); a training trial keeps
         all of them, for the record and for the base's checkpoint monitors."""
-        from igdit.callbacks import FIDCallback
-
         args = self.fid_callback()
         if self.kind == "sampling":
             settings = args.get("settings") or {"none": {}}
@@ -327,8 +317,6 @@ class SweepSpec:
             self._check_training_paths()
 
     def _check_guidance_paths(self) -> None:
-        from igdit.guidance import RULES
-
         for path, param in self.search_space.items():
             parts = path.split(".")
             rule = RULES.get(parts[1]) if len(parts) >= 3 and parts[0] == "guidance" else None
@@ -349,8 +337,6 @@ class SweepSpec:
 
     def setting_rules(self, base_rules: list, values: dict) -> list:
         """The base setting's rules with a trial's values put in (``guidance.<rule>.<field>`` paths)."""
-        from igdit.guidance import build_rules, describe
-
         spec = {key: {k: v for k, v in d.items()} for key, d in describe(base_rules).items()}
         for path, value in values.items():
             _, rule, *key = path.split(".")
@@ -364,9 +350,6 @@ class SweepSpec:
         return build_rules(spec, "guidance")
 
     def _check_training_paths(self) -> None:
-        from igdit.config import one_line
-        from igdit.experiment import parse_experiment
-
         for path, param in self.search_space.items():
             if path.split(".")[0] not in ("model", "data", "trainer", "seed_everything"):
                 raise ConfigError(f"search_space.{path}", param.type,

@@ -8,17 +8,18 @@ from typing import Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
-from lightning.pytorch.callbacks import ThroughputMonitor, WeightAveraging
+import numpy as np
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import RunningStage
 
-from igdit.config import ConfigError
+from igdit.config import ConfigError, TrainingStopped
 from igdit.generation import Sampling, class_grid
 from igdit.guidance import Denoiser, InternalGuidance, describe, parse_settings
 from igdit.images import image_grid, save_grid, save_png
 from igdit.metrics.evaluate import FrechetEvaluator, check_reference, evaluate_settings
-from igdit.metrics.features import METRIC_NAMES
+from igdit.metrics.features import METRIC_NAMES, InceptionFeatures, inception_weights_candidates
 from igdit.metrics.fid import ReferenceStats, warn_if_singular
 from igdit.tracking import run_directory
 
@@ -133,9 +134,10 @@ class FIDCallback(pl.Callback):
         self.scored_weights: Optional[str] = None
 
     # ---- checks and reference, before any training step --------------------------------------------
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage not in ("fit", "validate"):
-            return
+    def check(self, trainer, pl_module, stage: str = "fit") -> None:
+        """Everything that can be checked without computing: the settings against the model (each rule checks
+        and loads what it needs), the labels, the monitors, the Inception weights. The CLI calls it before a run
+        is created; setup calls it again for `validate`."""
         f = "FIDCallback"
         for name, rules in self.settings.items():
             try:  # each rule checks (and loads) what it needs from the model now, before any training step
@@ -146,6 +148,15 @@ class FIDCallback(pl.Callback):
             raise ConfigError(f"{f}.num_samples", self.num_samples,
                               f"labels: balanced needs a multiple of the {pl_module.num_classes} classes")
         self._check_monitors(trainer, stage)
+        if self.feature == "inception" and not self.allow_download and not any(
+                p.is_file() for p in inception_weights_candidates(self.inception_weights)):
+            InceptionFeatures(self.inception_weights, False, f"{f}.inception_weights")  # its one-line error
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        self.check(trainer, pl_module, stage)
+        f = "FIDCallback"
         self.evaluator = self.build_evaluator(trainer.datamodule, trainer.strategy.root_device)
         warn_if_singular(self.num_samples, self.evaluator.num_features, f"{f}.num_samples")
         if trainer.logger is not None:
@@ -224,7 +235,8 @@ class FIDCallback(pl.Callback):
         self.scored_weights = weights
         with trainer.precision_plugin.forward_context():
             results, grids = evaluate_settings(module, self.settings, self.evaluator, self.num_samples, self.sampling,
-                                               self.labels, self.seed, self.batch_size, self.grid_size)
+                                               self.labels, self.seed, self.batch_size, self.grid_size,
+                                               progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)
         self.last_eval_step, self.last_results = trainer.global_step, results
         pl_module.log("eval/seconds", sum(r["seconds"] for r in results.values()), sync_dist=False)
         for name, result in results.items():
@@ -249,3 +261,92 @@ class FIDCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_eval_step = state_dict.get("last_eval_step")
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``last`` meaning last and resumable evaluations:
+
+    * the final step is always saved as ``last.ckpt`` (at the end of its batch; Lightning's own end-of-training save
+      comes after EMAWeightAveraging has copied the averaged weights into the model, so it would store the EMA
+      weights as the raw ones too — a last.ckpt here holds the raw weights as ``current_model_state`` and the EMA
+      as ``state_dict``, always);
+    * a periodic save that falls on a step with a validation pass waits for that pass to end, so the checkpoint
+      already holds the evaluation of its step (a run killed during it resumes from the previous checkpoint and
+      redoes it instead of losing it).
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if any(getattr(callback, "suspicious", False) for callback in trainer.callbacks):
+            return  # the loss is running away: keep the last good checkpoint as it is
+        every = self._every_n_train_steps
+        step = trainer.global_step
+        validates_now = isinstance(trainer.val_check_interval, int) and trainer.check_val_every_n_epoch is None \
+            and step % trainer.val_check_interval == 0
+        if every and step % every == 0 and validates_now and not self._final_step(trainer):
+            self._defer_save_until_validation = True  # Lightning's own deferral: saved in on_validation_end
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.save_last and self._final_step(trainer) and self._last_global_step_saved != step:
+            monitor_candidates = self._monitor_candidates(trainer)
+            if self.monitor is None or self.monitor in monitor_candidates:
+                self._save_topk_checkpoint(trainer, monitor_candidates)
+            self._save_last_checkpoint(trainer, monitor_candidates)
+            self._last_global_step_saved = step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Nothing: the final step was saved at the end of its batch, before the EMA copy."""
+
+    @staticmethod
+    def _final_step(trainer) -> bool:
+        return trainer.global_step >= trainer.max_steps > 0 or trainer.should_stop
+
+
+class DivergenceGuard(pl.Callback):
+    """Stops a run that diverges, keeping the last good checkpoint and naming it.
+
+    A loss above ``factor`` times its running median (over the last ``window`` steps) for ``patience`` steps in a
+    row stops training with a one-line message (a non-finite loss stops at once, in the module, before the
+    weights are touched). Checkpoints written while the loss was running away are not the last good one.
+    """
+
+    def __init__(self, factor: PositiveFloat = 10.0, patience: PositiveInt = 20, window: PositiveInt = 200,
+                 warmup_steps: NonNegativeInt = 100):
+        if factor <= 1:
+            raise ConfigError("DivergenceGuard.factor", factor, "expected a factor > 1 of the running median")
+        self.factor, self.patience, self.window, self.warmup_steps = factor, patience, window, warmup_steps
+        self.history: list[float] = []
+        self.above = 0
+        self.good_checkpoint: Optional[str] = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        value = float(loss.detach())
+        if len(self.history) >= min(self.window, max(self.warmup_steps, 1)):
+            median = float(np.median(self.history[-self.window:]))
+            self.above = self.above + 1 if value > self.factor * median else 0
+            if self.above >= self.patience:
+                raise TrainingStopped(
+                    f"training diverged at step {trainer.global_step}: loss {value:.4g} stayed above {self.factor:g} x "
+                    f"its running median {median:.4g} for {self.patience} steps; "
+                    + last_good_checkpoint(trainer, self.good_checkpoint))
+        if self.above == 0:  # only steps that look healthy enter the median
+            self.history = (self.history + [value])[-self.window:]
+            checkpoint = trainer.checkpoint_callback
+            self.good_checkpoint = getattr(checkpoint, "last_model_path", None) or self.good_checkpoint
+
+    @property
+    def suspicious(self) -> bool:
+        """True while the loss is above the threshold: checkpoints wait (igdit.callbacks.Checkpoint)."""
+        return self.above > 0
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "above": self.above}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history, self.above = list(state_dict.get("history", [])), int(state_dict.get("above", 0))
+
+
+def last_good_checkpoint(trainer, path: Optional[str] = None) -> str:
+    """The sentence that names the checkpoint a stopped run can be resumed from."""
+    path = path or getattr(trainer.checkpoint_callback, "last_model_path", None)
+    return f"the last good checkpoint is {path}" if path else "no checkpoint was written yet"

@@ -38,6 +38,11 @@ class ConfigError(ValueError):
         return err
 
 
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose (divergence, too many unreadable samples); ``str(err)`` is one line that says why and
+    which checkpoint to resume from. The command dispatcher prints it as ``error: ...`` (exit code 1)."""
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

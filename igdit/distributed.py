@@ -18,7 +18,7 @@ import torch
 from igdit.config import ConfigError
 
 
-def _count(devices: Any) -> Optional[int]:
+def device_count(devices: Any) -> Optional[int]:
     """How many devices a ``trainer.devices`` value asks for; None when Lightning decides (``auto``, -1)."""
     if isinstance(devices, (list, tuple)):
         return len(devices)
@@ -59,7 +59,7 @@ def check_launch(devices: Any, num_nodes: Any, env: Mapping[str, str] = os.envir
     if layout is None:
         return
     launcher, world = layout["launcher"], layout["world_size"]
-    count = _count(devices)
+    count = device_count(devices)
     if count is not None and count != layout["per_node"]:
         raise ConfigError("trainer.devices", devices, f"{launcher} started {layout['per_node']} process(es) per node "
                           f"({layout['per_node_flag']}) and WORLD_SIZE {world}; set trainer.devices to "

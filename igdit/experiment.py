@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
+from igdit.checkpoints import read_checkpoint
 from igdit.config import ConfigError
 from igdit.data import LatentDataModule
 from igdit.distributed import check_launch
@@ -34,14 +36,21 @@ class IGDiTCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or {}
         check_launch(trainer.get("devices"), trainer.get("num_nodes"))
+        if "weights_only" in config and config.get("weights_only") is None:
+            config["weights_only"] = True  # a checkpoint never runs code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
+        if config.get("ckpt_path") is not None:
+            config["ckpt_path"] = resolve_resume(config)
 
     def before_fit(self) -> None:
-        # Shapes and the world first: a mismatch must stop before anything (an MLflow run included) is created,
-        # and before Lightning starts the other processes.
+        # Shapes, the world and the callbacks' settings first: a mismatch must stop before anything (an MLflow run
+        # or its store included) is created, and before Lightning starts the other processes.
         self.datamodule.check_model(self.model.latent_shape, self.model.num_classes)
         trainer = self.trainer
         # trainer.world_size is still 1 here (the strategy sets it when it starts the processes): count it.
         self.datamodule.check_world_size(trainer.num_nodes * trainer.num_devices)
+        for callback in trainer.callbacks:
+            if hasattr(callback, "check"):
+                callback.check(trainer, self.model)
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: no subcommand
         resuming = config.get("ckpt_path") is not None
         for checkpoint in trainer.checkpoint_callbacks:
@@ -114,3 +123,32 @@ def parse_experiment(config: str, overrides: list[str] = ()):
     return _ParseOnly(IGDiTModule, LatentDataModule, args=["--config", config, *overrides], run=False,
                       save_config_callback=None, parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                       auto_configure_optimizers=False).config
+
+
+def resolve_resume(config) -> Optional[str]:
+    """The checkpoint ``ckpt_path`` means, and the run it continues.
+
+    ``last``: the newest ``last.ckpt`` of this experiment's runs (<trainer.default_root_dir>/<experiment>/*/checkpoints/,
+    or of the run ``trainer.logger.init_args.run_id`` names); none yet: a fresh start, as Lightning does. A file: read
+    safely (weights only) and checked. Either way the MLflow logger reopens the run the checkpoint belongs to, so
+    the resumed run writes into the same run and folder. Other values (``best``, ``hpc``) are Lightning's."""
+    ckpt_path = config["ckpt_path"]
+    logger = config.get("trainer.logger")
+    init_args = getattr(logger, "init_args", None) if str(getattr(logger, "class_path", "")).endswith(
+        "MLflowLogger") else None
+    run_id = getattr(init_args, "run_id", None) if init_args is not None else None
+    if ckpt_path == "last":
+        experiment = getattr(init_args, "experiment_name", None) or "igdit"
+        folder = Path(config.get("trainer.default_root_dir") or ".") / experiment
+        found = sorted(folder.glob(f"{run_id or '*'}/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            print(f"--ckpt_path last: no run of {experiment!r} under {folder} has a last.ckpt yet; starting a new run",
+                  flush=True)
+            return None
+        ckpt_path = str(found[-1])
+    elif ckpt_path in ("best", "hpc", "registry"):
+        return ckpt_path
+    run = read_checkpoint(ckpt_path, "ckpt_path").get("igdit_run") or {}
+    if init_args is not None and run_id is None and run.get("run_id"):
+        init_args.run_id = run["run_id"]
+    return ckpt_path

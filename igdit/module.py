@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 # The private context the LightningCLI itself uses to record a module's config as its hyper-parameters.
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
-from igdit.config import ConfigError, config_parser, instantiate, plain_config
+from igdit.config import ConfigError, TrainingStopped, config_parser, instantiate, plain_config
 from igdit.models import Backbone
 from igdit.objectives import DiffusionLoss, ExitLoss, LossInputs, LossTerm, Objective
 from igdit.transport import Transport
@@ -92,6 +92,10 @@ class IGDiTModule(pl.LightningModule):
         self.class_dropout = float(class_dropout)
         self.compile_backbone = compile
         self.data_meta: Optional[dict] = None  # the shards' meta.json, kept in checkpoints for decoding
+        # Training draws (label dropout, t, noise) come from a generator of their own, saved in checkpoints: a
+        # resumed run draws what the uninterrupted one would have, whatever else consumed the global RNG.
+        self.train_generator: Optional[torch.Generator] = None
+        self._generator_state: Optional[torch.Tensor] = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -110,6 +114,11 @@ class IGDiTModule(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "meta"):
             self.data_meta = datamodule.meta
         if stage == "fit":
+            # Seeded from the global seed (seed_everything) and the rank: ranks draw different t and noise.
+            seed = (torch.initial_seed() + 7919 * self.global_rank) % 2**63
+            self.train_generator = torch.Generator(device=self.device).manual_seed(seed)
+            if self._generator_state is not None:
+                self.train_generator.set_state(self._generator_state)
             for term in self.objective.values():
                 term.setup(self.device)
             frozen = {f"{term.name}.{key}": value for term in self.objective.values()
@@ -128,11 +137,11 @@ class IGDiTModule(pl.LightningModule):
         return measure_flops(model, lambda: model(x, t, y, exits=exits, hidden=hidden),
                              lambda out: out.final.sum() + sum(v.sum() for v in out.exits.values()))
 
-    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace each label by the null label num_classes with probability class_dropout."""
         if self.class_dropout == 0:
             return y
-        drop = torch.rand(y.shape, device=y.device) < self.class_dropout
+        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.class_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor, step: int, generator: torch.Generator | None = None,
@@ -152,11 +161,15 @@ class IGDiTModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss, terms = self.compute_loss(x, self.drop_labels(y), self.global_step, y_clean=y)
+        generator = self.train_generator
+        loss, terms = self.compute_loss(x, self.drop_labels(y, generator), self.global_step, generator, y_clean=y)
         if not torch.isfinite(loss):
-            # Stop rather than train on garbage; the last good checkpoint stays on disk.
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}: "
-                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+            # Stop before the weights are touched; the last good checkpoint stays on disk.
+            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", None)
+            raise TrainingStopped(f"non-finite training loss {loss.item()} at step {self.global_step} ("
+                                  + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()) + "); "
+                                  + (f"the last good checkpoint is {checkpoint}" if checkpoint
+                                     else "no checkpoint was written yet"))
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True)
         return loss
@@ -181,9 +194,17 @@ class IGDiTModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.data_meta is not None:
             checkpoint["igdit_data_meta"] = self.data_meta
+        if self.train_generator is not None:
+            checkpoint["igdit_train_generator"] = self.train_generator.get_state()
+        run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
+        if run_id is not None:  # which run the checkpoint belongs to: `--ckpt_path <file>` resumes that run
+            checkpoint["igdit_run"] = {"run_id": run_id, "experiment": getattr(self.logger, "_experiment_name", None)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.data_meta = checkpoint.get("igdit_data_meta")
+        self._generator_state = checkpoint.get("igdit_train_generator")
+        if self.train_generator is not None and self._generator_state is not None:
+            self.train_generator.set_state(self._generator_state)
 
 
 def build_module(config: dict) -> IGDiTModule:

@@ -6,7 +6,10 @@ points at a server instead (the right choice for multi-node runs: sqlite on a ne
 """
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,7 +18,28 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 
 def default_tracking_uri() -> str:
-    return "sqlite:///" + str(Path("mlflow.db").resolve())
+    """``$MLFLOW_TRACKING_URI`` when set (MLflow's own convention), else a sqlite file mlflow.db in this folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("mlflow.db").resolve())
+
+
+def open_store(uri: str) -> None:
+    """Create a sqlite store's schema once, under a file lock: two processes creating it at once race on the
+    schema migration ("duplicate column name"). Other stores (servers) need nothing."""
+    if not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(database) + ".lock"):
+        MlflowClient(uri).search_experiments(max_results=1)
+
+
+def unique_run_name(experiment: str) -> str:
+    """A run name no other run shares (MLflow's generated names come from the global random module, which a seeded
+    run reseeds, so every run of a seeded experiment would get the same one)."""
+    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def default_artifact_location() -> str:
@@ -25,9 +49,11 @@ def default_artifact_location() -> str:
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger with igdit's defaults (sqlite store in the project folder).
 
-    experiment_name: MLflow experiment; run_name: optional run name; tracking_uri: None for the local
-    sqlite store or e.g. "http://mlflow.cluster:5000"; artifact_location: where a NEW experiment keeps
-    artifacts (default mlartifacts/ beside mlflow.db).
+    experiment_name: MLflow experiment; run_name: optional run name (default: unique per run); tracking_uri: None
+    for $MLFLOW_TRACKING_URI or the local sqlite store, or e.g. "http://mlflow.cluster:5000"; artifact_location:
+    where a NEW experiment keeps artifacts (default mlartifacts/ beside mlflow.db); run_id: log into this existing
+    run (a resumed run is marked RUNNING again, then FINISHED). Nothing is created in the store before the run
+    first logs, so a configuration refused at start leaves no run behind.
     """
 
     def __init__(self, experiment_name: str = "igdit", run_name: Optional[str] = None,
@@ -35,7 +61,10 @@ class MLflowLogger(MLFlowLogger):
                  tags: Optional[dict[str, Any]] = None, run_id: Optional[str] = None):
         if tracking_uri is None:
             tracking_uri = default_tracking_uri()
-            artifact_location = artifact_location or default_artifact_location()
+            if tracking_uri.startswith("sqlite:///"):
+                artifact_location = artifact_location or default_artifact_location()
+        if run_name is None and run_id is None:
+            run_name = unique_run_name(experiment_name)
         kwargs = dict(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
                       artifact_location=artifact_location, tags=tags, log_model=False, run_id=run_id)
         if _launcher_rank() == 0:
@@ -51,6 +80,17 @@ class MLflowLogger(MLFlowLogger):
             super().__init__(**kwargs)
         finally:
             mlflow.tracking.MlflowClient = real
+
+
+    @property
+    def experiment(self):
+        if not self._initialized:
+            open_store(self._tracking_uri)
+            client = MLFlowLogger.experiment.fget(self)
+            if self._run_id is not None and client.get_run(self._run_id).info.status != "RUNNING":
+                client.update_run(self._run_id, status="RUNNING")  # a resumed run is running again
+            return client
+        return MLFlowLogger.experiment.fget(self)
 
 
 class _NoClient:
@@ -90,6 +130,10 @@ class RunConfigSaver(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         path = run_directory(trainer) / self.config_filename
+        for n in itertools.count(1):  # a resumed run keeps the first config and adds the one it resumed with
+            if not path.exists():
+                break
+            path = path.with_name(f"{Path(self.config_filename).stem}.resume-{n}.yaml")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=False)
         logger = trainer.logger

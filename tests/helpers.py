@@ -16,7 +16,7 @@ def short_config(path: Path, max_steps: int, every: int, samples_per_class: int,
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("EMAWeightAveraging"):
             cb["init_args"].update(decay=0.9, update_starting_at_step=0)
-        if cb["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in cb["init_args"]:
+        if cb["class_path"].endswith("Checkpoint") and "every_n_train_steps" in cb["init_args"]:
             cb["init_args"]["every_n_train_steps"] = every  # the periodic one; the best-FD one saves per evaluation
         if cb["class_path"].endswith("SampleGrid"):
             cb["init_args"].update(samples_per_class=samples_per_class, steps=grid_steps)

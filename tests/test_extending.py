@@ -45,7 +45,7 @@ def test_a_new_backbone_term_and_guidance_rule_train_evaluate_save_and_sample(tm
             cb["init_args"]["settings"] = {
                 "none": {}, "ramp": {"extending.RampedInternalGuidance": {"scale": 2.0}},
                 "ag": {"ag": {"scale": 1.5, "ckpt": str(guide_checkpoint)}}}
-        if cb["class_path"].endswith("ModelCheckpoint") and "monitor" in cb["init_args"]:
+        if cb["class_path"].endswith("Checkpoint") and "monitor" in cb["init_args"]:
             cb["init_args"]["monitor"] = "fd_digits/ramp"
     config.write_text(yaml.safe_dump(cfg))
     runs, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"

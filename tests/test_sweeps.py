@@ -310,3 +310,70 @@ def test_autoguidance_is_searchable_in_a_sampling_sweep(tmp_path, digits_root, c
     assert set(values) == {1.0, 3.0} and all(t.state.name == "COMPLETE" for t in study.trials)
     assert values[1.0] != pytest.approx(values[3.0], rel=1e-3)  # the guide network changed the samples
     assert all(t.user_attrs["nfe"] == 1 for t in study.trials)  # NFE counts the sampler's steps, not networks
+
+
+def test_a_continued_seeded_study_does_not_replay_its_parameters(tmp_path, digits_root, checkpoint):
+    path = str(_sweep(tmp_path, digits_root))
+    run_sweep(SweepSpec.load(path), str(checkpoint), out=io.StringIO())
+    run_sweep(SweepSpec.load(path), str(checkpoint), n_trials=6, out=io.StringIO())
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    scales = [t.params["guidance.ig.scale"] for t in study.trials]
+    assert len(scales) == 6 and len(set(scales)) == 6  # a restarted seeded sampler would repeat 0-2 as 3-5
+
+
+def test_a_training_sweep_on_several_devices_is_refused_when_it_loads(tmp_path, digits_root):
+    space = {"model.terms.ig_exit.weight": {"type": "float", "low": 0.1, "high": 1.0}}
+    path = _sweep(tmp_path, digits_root, kind="training", search_space=space, objective={"setting": "ig"},
+                  train={"max_steps": 10, "overrides": ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]})
+    with pytest.raises(ConfigError, match=r"^base trainer.devices: .*one device"):
+        SweepSpec.load(str(path))
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_worker_leaves_no_running_trial_and_its_trial_is_retried(tmp_path, digits_root, checkpoint):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = _base(tmp_path, digits_root, num_samples=200, steps=6)
+    path = _sweep(tmp_path, digits_root, study__n_trials=4, study__heartbeat_interval=1, study__grace_period=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["base"] = str(base)
+    path.write_text(yaml.safe_dump(raw))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [sys.executable, "-m", "igdit.cli", "sweep", str(path), "--ckpt", str(checkpoint)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 240
+
+    def states():
+        try:
+            return [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials]
+        except KeyError:  # the study is not created yet
+            return []
+
+    while not (states().count("COMPLETE") >= 1 and states()[-1:] == ["RUNNING"]) and time.time() < deadline:
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)  # a preempted worker: no chance to clean up
+    worker.wait()
+    killed = len(states()) - 1
+    assert states()[killed] == "RUNNING"
+    time.sleep(3)  # past the grace period: the dead worker's heartbeat is stale
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert "RUNNING" not in [t.state.name for t in study.trials]
+    stale = study.trials[killed]
+    assert stale.state.name == "FAIL"
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == stale.number]
+    assert len(retried) == 1 and retried[0].params == stale.params and retried[0].state.name == "COMPLETE"
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == len(complete)  # nothing replayed
+    client, trials = _runs(tmp_path, "trial")
+    _, parents = _runs(tmp_path, "study")
+    assert len(parents) == 1  # the parent run is reused
+    stale_run = client.get_run(stale.user_attrs["mlflow_run_id"])
+    assert stale_run.info.status == "KILLED" and stale_run.data.tags["igdit.state"] == "FAIL"
+    assert all(r.info.status != "RUNNING" for r in trials)

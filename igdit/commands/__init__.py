@@ -7,7 +7,7 @@ import sys
 
 from jsonargparse import ArgumentError
 
-from igdit.config import ConfigError, one_line
+from igdit.config import ConfigError, TrainingStopped, one_line
 
 # subcommand -> (module under igdit.commands, what it does)
 COMMANDS = {
@@ -46,3 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ArgumentError) as err:
         print("error: " + one_line(err), file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import math
 import os
 import random
@@ -114,6 +115,38 @@ def shard_subsets(num_shards: int, world_size: int, workers: int) -> list[list[i
             for rank in range(world_size) for worker in range(workers)]
 
 
+class ResumePoint:
+    """Where a resumed run's data stream starts: ``batches`` per-device batches were consumed before the checkpoint.
+
+    Epoch e of the stream is pass e of every (rank, worker), and the DataLoader takes batch k of an epoch from
+    worker k mod W (in order), so the point is (pass, batches each worker had delivered in it). Only the first
+    epoch after a resume is shortened; later ones are whole.
+    """
+
+    def __init__(self, batches: int, steps_per_epoch: int):
+        self.epoch, self.offset = divmod(int(batches), steps_per_epoch)
+
+    def done(self, worker: int, workers: int) -> int:
+        """Batches worker ``worker`` of ``workers`` had delivered in the interrupted epoch."""
+        return len(range(worker, self.offset, workers))
+
+
+class EpochOfBatches(wds.PipelineStage):
+    """The last stage: one epoch is ``per_worker`` batches of this worker's current pass (the first epoch after a
+    resume: what was left of it). A fresh iterator per epoch starts the next pass of RepeatShards."""
+
+    def __init__(self, per_worker: int, resume: Optional[ResumePoint] = None):
+        self.per_worker, self.resume = per_worker, resume
+
+    def run(self, src):
+        count = self.per_worker
+        if self.resume is not None:
+            _, _, worker, workers = wds.utils.pytorch_worker_info()
+            count -= self.resume.done(worker, workers)
+            self.resume = None
+        yield from itertools.islice(src, count)
+
+
 class RepeatShards(wds.PipelineStage):
     """Stage after split_by_node/split_by_worker: passes over this rank's and worker's shards, forever.
 
@@ -125,11 +158,13 @@ class RepeatShards(wds.PipelineStage):
     """
 
     def __init__(self, num_shards: int, seed: int, field: str, value, shuffle_buffer: int,
-                 expected_node: Optional[tuple] = None):
+                 expected_node: Optional[tuple] = None, resume: Optional[ResumePoint] = None,
+                 batch_size: int = 1):
         self.num_shards, self.seed, self.field, self.value = num_shards, seed, field, value
         self.shuffle_buffer = shuffle_buffer
         self.expected_node = expected_node  # (rank, world_size) the trainer reported, to catch a silent rank-0 fallback
-        self.passes = 0
+        self.passes = 0 if resume is None else resume.epoch
+        self.resume, self.batch_size = resume, batch_size
 
     def run(self, src):
         shards = list(src)
@@ -140,6 +175,9 @@ class RepeatShards(wds.PipelineStage):
                                "shards. Set RANK and WORLD_SIZE, or use the 'fork' DataLoader start method.")
         if self.num_shards < world_size * workers:
             raise ConfigError(self.field, self.value, _too_few_shards(self.num_shards, world_size, workers))
+        skip = 0
+        if self.resume is not None:  # the samples this worker had delivered in the interrupted pass
+            skip, self.resume = self.resume.done(worker, workers) * self.batch_size, None
         while True:
             order = list(shards)
             random.Random(wds.utils.make_seed(self.seed, rank, worker, self.passes)).shuffle(order)
@@ -149,7 +187,9 @@ class RepeatShards(wds.PipelineStage):
             count = 0
             for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples):
                 count += 1
-                yield sample
+                if count > skip:  # raw bytes: skipping costs reading, not decoding
+                    yield sample
+            skip = 0
             if count == 0:
                 urls = [s["url"] for s in shards]
                 raise RuntimeError(f"rank {rank} worker {worker}: no readable sample in its {len(urls)} shard(s) "
@@ -209,6 +249,7 @@ class LatentDataModule(pl.LightningDataModule):
         self._steps_per_epoch = steps_per_epoch
         self._world_size = 1
         self._expected_node: Optional[tuple] = None
+        self._resume_batches: Optional[int] = None  # set from a checkpoint: where the stream continues
 
     # ---- what the shards hold -------------------------------------------------------------------------
     @property
@@ -308,7 +349,25 @@ class LatentDataModule(pl.LightningDataModule):
                             header=npy_header(self.latent_shape)), handler=wds.warn_and_continue),
         ]
 
-    def train_samples(self, with_keys: bool = False) -> wds.DataPipeline:
+    def state_dict(self) -> dict:
+        """The stream's position, saved in checkpoints: per-device batches consumed so far (one per optimiser step
+        and accumulated batch)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {"batches": int(trainer.global_step) * int(trainer.accumulate_grad_batches)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed fit continues the stream where the checkpoint left it (same epoch, same batches)."""
+        self._resume_batches = state_dict.get("batches")
+
+    def _resume_point(self) -> Optional[ResumePoint]:
+        if not self._resume_batches:
+            return None
+        point, self._resume_batches = ResumePoint(self._resume_batches, self.steps_per_epoch), None
+        return point
+
+    def train_samples(self, with_keys: bool = False, resume: Optional[ResumePoint] = None) -> wds.DataPipeline:
         """Infinite shuffled stream of (x (c, h, w) float32, y () long), or (key, x, y) with ``with_keys``,
         for the rank and worker WebDataset sees (RANK/WORLD_SIZE or torch.distributed; DataLoader worker)."""
         field, value = ("data.root", self.root) if self.train_shards_spec is None \
@@ -319,15 +378,18 @@ class LatentDataModule(pl.LightningDataModule):
             wds.split_by_node,
             wds.split_by_worker,
             # reads the tars and shuffles raw bytes within each pass; decode only what leaves the buffer
-            RepeatShards(len(self.train_urls), self.seed, field, value, self.shuffle_buffer, self._expected_node),
+            RepeatShards(len(self.train_urls), self.seed, field, value, self.shuffle_buffer, self._expected_node,
+                         resume, self.per_device_batch_size),
             to_tensors,
         )
 
     def train_dataset(self) -> wds.DataPipeline:
-        """Full per-device batches, steps_per_epoch of them per epoch across this rank's workers."""
+        """Full per-device batches, steps_per_epoch of them per epoch across this rank's workers (after a resume,
+        the rest of the interrupted epoch first)."""
         per_worker = self.steps_per_epoch // max(1, self.num_workers)  # each worker yields its share
-        return self.train_samples().compose(wds.batched(self.per_device_batch_size, partial=False)) \
-            .with_epoch(nbatches=per_worker)
+        resume = self._resume_point()
+        return self.train_samples(resume=resume).compose(wds.batched(self.per_device_batch_size, partial=False),
+                                                         EpochOfBatches(per_worker, resume))
 
     def val_dataset(self, with_keys: bool = False) -> wds.DataPipeline:
         """One pass over all val shards in order: (x (B, c, h, w), y (B,)) batches, the last one partial."""

@@ -10,7 +10,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from igdit.sweeps.spec import SweepSpec
-from igdit.tracking import default_artifact_location, default_tracking_uri
+from igdit.tracking import default_artifact_location, default_tracking_uri, open_store
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -23,6 +23,7 @@ class SweepTracker:
 
     def __init__(self, spec: SweepSpec):
         self.uri = spec.tracking_uri or default_tracking_uri()
+        open_store(self.uri)
         self.client = MlflowClient(self.uri)
         experiment = self.client.get_experiment_by_name(spec.mlflow_experiment)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
@@ -60,6 +61,14 @@ class SweepTracker:
         for key, text in tags.items():
             self.client.set_tag(run_id, key, text)
         self.client.set_terminated(run_id, status="FAILED" if state == "FAIL" else "FINISHED")
+
+    def close_stale(self, trial) -> None:
+        """Close the MLflow run of a trial whose worker died without closing it (the heartbeat found it)."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is not None:
+            self.client.set_tag(run_id, "igdit.state", "FAIL")
+            self.client.set_tag(run_id, "igdit.error", "the worker stopped (killed or preempted); the trial is retried")
+            self.client.set_terminated(run_id, status="KILLED")
 
     def finish(self, study, interrupted: bool = False) -> Optional[dict]:
         """Best value and parameters (tags and metrics: they change as a study continues) and plots."""

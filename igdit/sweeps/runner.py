@@ -16,6 +16,23 @@ from igdit.sweeps.report import SweepTracker, finished_trials
 from igdit.sweeps.spec import SweepSpec
 
 
+def study_storage(spec: SweepSpec, tracker: SweepTracker):
+    """The study's storage. A database gets Optuna's heartbeat: a trial whose worker was killed (preemption, OOM
+    killer) stops beating, is marked failed when any worker next starts a trial, its MLflow run is closed as
+    KILLED, and RetryFailedTrialCallback queues its parameters again; without it such a trial stays RUNNING for
+    ever. Other storages (a journal file) are used as given."""
+    if not spec.storage.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
+        return spec.storage
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=spec.max_retry)
+
+    def close_and_retry(study, trial) -> None:
+        tracker.close_stale(trial)
+        retry(study, trial)
+
+    return optuna.storages.RDBStorage(spec.storage, heartbeat_interval=spec.heartbeat_interval,
+                                      grace_period=spec.grace_period, heartbeat_stale_trial_callback=close_and_retry)
+
+
 def latest_checkpoint(spec: SweepSpec) -> Optional[str]:
     """The newest last.ckpt of the base experiment's runs (what `make train` just wrote), if any."""
     found = sorted(spec.runs_folder().glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -40,7 +57,8 @@ def run_sweep(spec: SweepSpec, checkpoint: Optional[str] = None, n_trials: Optio
         objective = SamplingObjective(spec, checkpoint)
     else:
         objective = TrainingObjective(spec)
-    study = optuna.create_study(storage=spec.storage, study_name=spec.name, direction=spec.direction,
+    tracker = SweepTracker(spec)
+    study = optuna.create_study(storage=study_storage(spec, tracker), study_name=spec.name, direction=spec.direction,
                                 pruner=spec.optuna_pruner(), load_if_exists=True)
     study.sampler = spec.optuna_sampler(finished=len(study.trials))
     if study.direction.name.lower() != spec.direction:
@@ -49,7 +67,6 @@ def run_sweep(spec: SweepSpec, checkpoint: Optional[str] = None, n_trials: Optio
     study.set_user_attr("objective", objective.metric)
     if checkpoint:
         study.set_user_attr("checkpoint", str(Path(checkpoint).resolve()))
-    tracker = SweepTracker(spec)
     done = finished_trials(study)
     remaining = None if total is None else max(0, total - done)
     print(f"study {spec.name} ({spec.kind}, {objective.metric}, {spec.direction}) in {spec.storage}: {done} trial(s) "

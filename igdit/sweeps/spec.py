@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import optuna
+import torch
 import yaml
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from igdit.callbacks import FIDCallback
 from igdit.config import ConfigError, build, instantiate, one_line
+from igdit.distributed import device_count
 from igdit.experiment import parse_experiment
 from igdit.guidance import RULES, build_rules, describe
 
@@ -114,6 +116,9 @@ class StudySpec:
     pruner: Optional[dict] = None
     n_trials: Optional[PositiveInt] = None
     timeout: Optional[PositiveFloat] = None
+    heartbeat_interval: PositiveInt = 60
+    grace_period: Optional[PositiveInt] = None
+    max_retry: NonNegativeInt = 2
 
 
 @dataclass
@@ -166,6 +171,8 @@ class SweepSpec:
         self.name, self.storage, self.direction = study.name, study.storage, study.direction
         self.kind, self.base, self.checkpoint = f.kind, f.base, f.checkpoint
         self.n_trials, self.timeout = study.n_trials, study.timeout
+        self.heartbeat_interval, self.grace_period, self.max_retry = (study.heartbeat_interval, study.grace_period,
+                                                                      study.max_retry)
         self.setting, self.metric = f.objective.setting, f.objective.metric
         self.mlflow_experiment, self.tracking_uri = f.mlflow.experiment, f.mlflow.tracking_uri
         if not Path(self.base).is_file():
@@ -315,6 +322,8 @@ class SweepSpec:
             self._check_guidance_paths()
         else:
             self._check_training_paths()
+            self.experiment = parse_experiment(self.base, self.trial_arguments({}))  # the trials' own settings
+            self._check_single_process()
 
     def _check_guidance_paths(self) -> None:
         for path, param in self.search_space.items():
@@ -348,6 +357,18 @@ class SweepSpec:
             else:
                 fields[key[0]] = value
         return build_rules(spec, "guidance")
+
+    def _check_single_process(self) -> None:
+        """A training sweep runs its trials inside this process: a base that asks for several devices or nodes
+        would have Lightning's launcher start copies of the whole sweep."""
+        trainer = self.experiment.trainer
+        count = device_count(trainer.devices)  # None: auto or -1, all visible devices
+        if count is None:
+            count = torch.cuda.device_count() if trainer.accelerator in ("auto", "gpu", "cuda") else 1
+        if count > 1 or (trainer.num_nodes or 1) > 1:
+            raise ConfigError("base trainer.devices", trainer.devices, "a training sweep trains each trial in this "
+                              "process: run the base on one device (add --trainer.devices 1 --trainer.num_nodes 1 "
+                              "to train.overrides), or start one sweep worker per GPU against the same storage")
 
     def _check_training_paths(self) -> None:
         for path, param in self.search_space.items():

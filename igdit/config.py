@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
@@ -93,7 +93,8 @@ _EXPECTED = re.compile(r"^Expected an? (.+?)\. Got value: (.+)$")
 _GIVEN = re.compile(r"^Given value: (.+)$")
 _UNKNOWN = re.compile(r"^(?:Group '[^']*' does not accept option '([^']+)'|Option '([^']+)' is not accepted)\.?$")
 _CLASS_PATH = re.compile(r"^\s*-?\s*Problem with given class_path '([^']+)':")
-_NOISE = re.compile(r"^\s*(Does not validate against any of the Union subtypes|"
+_NOISE = re.compile(r"^\s*-?\s*(Not a valid subclass of|Subclass types expect one of|a class path \(str\)|"
+                    r"a dict with|a dict without|Expected a <class 'NoneType'>|Does not validate against any of the Union subtypes|"
                     r"Subtypes:|Errors:|Given value type:|- Expected a <class 'NoneType'>)")
 
 
@@ -143,6 +144,18 @@ def one_line(err: BaseException) -> str:
         text = f"{field}: {reason}" if field else reason
     text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def config_error_in(err: BaseException) -> Optional["ConfigError"]:
+    """The ConfigError behind ``err`` (jsonargparse re-raises one raised while it instantiates a part as its own
+    ValueError), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def config_parser(**kwargs) -> ArgumentParser:

@@ -31,6 +31,12 @@ class IGDiTCLI(LightningCLI):
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
                 "validate": {"model", "dataloaders", "datamodule"}}
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would read the model's hyper-parameters from --ckpt_path into the config (and let a damaged
+        # or unsafe file raise a traceback): here the experiment's YAML says what is built, and resolve_resume
+        # reads the checkpoint safely, with one-line errors.
+        pass
+
     def before_instantiate_classes(self) -> None:
         # Under torchrun/srun the process layout is fixed: trainer.devices and num_nodes must match it.
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -129,7 +135,8 @@ def resolve_resume(config) -> Optional[str]:
     """The checkpoint ``ckpt_path`` means, and the run it continues.
 
     ``last``: the newest ``last.ckpt`` of this experiment's runs (<trainer.default_root_dir>/<experiment>/*/checkpoints/,
-    or of the run ``trainer.logger.init_args.run_id`` names); none yet: a fresh start, as Lightning does. A file: read
+    or of the run ``trainer.logger.init_args.run_id`` names), or a newer checkpoint Lightning saved when SLURM
+    pre-empted the job (<trainer.default_root_dir>/hpc_ckpt_*.ckpt); none yet: a fresh start, as Lightning does. A file: read
     safely (weights only) and checked. Either way the MLflow logger reopens the run the checkpoint belongs to, so
     the resumed run writes into the same run and folder. Other values (``best``, ``hpc``) are Lightning's."""
     ckpt_path = config["ckpt_path"]
@@ -139,8 +146,12 @@ def resolve_resume(config) -> Optional[str]:
     run_id = getattr(init_args, "run_id", None) if init_args is not None else None
     if ckpt_path == "last":
         experiment = getattr(init_args, "experiment_name", None) or "igdit"
-        folder = Path(config.get("trainer.default_root_dir") or ".") / experiment
-        found = sorted(folder.glob(f"{run_id or '*'}/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        root = Path(config.get("trainer.default_root_dir") or ".")
+        folder = root / experiment
+        found = list(folder.glob(f"{run_id or '*'}/checkpoints/last.ckpt"))
+        # what Lightning saves on SLURM's pre-emption signal (SIGUSR1) before it requeues the job, if it is ours
+        found += [p for p in root.glob("hpc_ckpt_*.ckpt") if _belongs_to(p, experiment, run_id)]
+        found.sort(key=lambda p: p.stat().st_mtime)
         if not found:
             print(f"--ckpt_path last: no run of {experiment!r} under {folder} has a last.ckpt yet; starting a new run",
                   flush=True)
@@ -152,3 +163,8 @@ def resolve_resume(config) -> Optional[str]:
     if init_args is not None and run_id is None and run.get("run_id"):
         init_args.run_id = run["run_id"]
     return ckpt_path
+
+
+def _belongs_to(checkpoint: Path, experiment: str, run_id: Optional[str]) -> bool:
+    run = read_checkpoint(checkpoint, "ckpt_path").get("igdit_run") or {}
+    return run.get("experiment") == experiment and run_id in (None, run.get("run_id"))

@@ -11,6 +11,7 @@ from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
 from igdit.config import ConfigError
@@ -83,17 +84,16 @@ def to_nhwc_rgb(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def image_batches(module, denoiser: Denoiser, sampling: Sampling, indices: list[int], labels: torch.Tensor,
-                  seed: int, batch_size: int, progress: bool = True) -> Iterator[tuple[torch.Tensor, int]]:
+                  seed: int, batch_size: int, progress: bool = True,
+                  desc: str = "sampling") -> Iterator[tuple[torch.Tensor, int]]:
     """Generate the samples ``indices`` (labels: theirs, (len(indices),)) batch by batch.
 
     Yields (uint8 images (B, C, H, W) on the model's device, decoded with the module's shard metadata, NFE per
     sample of that batch). Only one batch is held at a time, so callers can stream thousands of images.
     """
-    from tqdm import tqdm
-
     parameter = next(module.backbone.parameters())
     starts = range(0, len(indices), batch_size)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         batch_indices = indices[start:start + batch_size]
         noise = PerSampleNoise(batch_indices, seed, module.latent_shape, parameter.device)
         x0, nfe = run_sampler(sampling.sampler, denoiser, module.transport, noise(),

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def default_tracking_uri() -> str:
@@ -67,12 +68,9 @@ class MLflowLogger(MLFlowLogger):
             run_name = unique_run_name(experiment_name)
         kwargs = dict(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
                       artifact_location=artifact_location, tags=tags, log_model=False, run_id=run_id)
-        if _launcher_rank() == 0:
-            super().__init__(**kwargs)
-            return
-        # Only rank 0 logs (Lightning's logger methods are rank-zero-only), but Lightning's constructor opens the
-        # store in every process, and several processes creating one sqlite schema at once fail with
-        # "duplicate column name". Other ranks get no client at all.
+        # Lightning's constructor opens the store (and creates a sqlite file) at once; here the client is made when
+        # the run first logs, on rank 0 only (Lightning's logger methods are rank-zero-only): a configuration
+        # refused at start leaves no mlflow.db behind, and other ranks never touch the store.
         import mlflow.tracking
 
         real, mlflow.tracking.MlflowClient = mlflow.tracking.MlflowClient, _NoClient
@@ -84,9 +82,19 @@ class MLflowLogger(MLFlowLogger):
 
     @property
     def experiment(self):
-        if not self._initialized:
+        if not self._initialized and rank_zero_only.rank == 0:  # other ranks get Lightning's dummy experiment
+            from mlflow.tracking import MlflowClient
+
             open_store(self._tracking_uri)
+            self._mlflow_client = MlflowClient(self._tracking_uri)
+            before = os.environ.get("MLFLOW_TRACKING_URI")
             client = MLFlowLogger.experiment.fget(self)
+            # mlflow.set_tracking_uri (which Lightning calls) exports the URI to the environment: the next run of
+            # this process (a sweep's next trial, a test) would read it as the user's $MLFLOW_TRACKING_URI.
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
             if self._run_id is not None and client.get_run(self._run_id).info.status != "RUNNING":
                 client.update_run(self._run_id, status="RUNNING")  # a resumed run is running again
             return client
@@ -94,18 +102,10 @@ class MLflowLogger(MLFlowLogger):
 
 
 class _NoClient:
-    """Stands in for MlflowClient in the logger of a rank other than 0, which never logs."""
+    """Stands in for MlflowClient until the run first logs (on rank 0; other ranks never do)."""
 
     def __init__(self, tracking_uri: Optional[str] = None):
         self.tracking_uri = tracking_uri
-
-
-def _launcher_rank() -> int:
-    """This process's global rank as torchrun, Lightning's launcher or srun set it (0 for a single process)."""
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):  # Lightning's order: SLURM_PROCID may be set outside srun
-        if os.environ.get(key) is not None:
-            return int(os.environ[key])
-    return 0
 
 
 def run_directory(trainer) -> Path:

@@ -69,3 +69,36 @@ def test_a_killed_run_resumed_from_last_ends_as_an_uninterrupted_one(tmp_path, d
     whole_run = whole_client.search_runs([whole_client.get_experiment_by_name("igdit-digits").experiment_id])[0]
     expected = {m.step: m.value for m in whole_client.get_metric_history(whole_run.info.run_id, "fd_digits/ig")}
     assert {m.step: m.value for m in fd if m.step == 59} == pytest.approx({59: expected[59]}, rel=1e-4)
+
+
+def test_last_resolves_to_the_newest_checkpoint_of_the_experiment_and_reopens_its_run(tmp_path, digits_root):
+    """--ckpt_path last picks, among this experiment's runs and the checkpoints Lightning saved on SLURM's
+    pre-emption signal, the newest one, and the logger reopens the run it belongs to."""
+    from jsonargparse import Namespace
+
+    from igdit.experiment import resolve_resume
+
+    def checkpoint(path: Path, run_id: str, experiment: str = "exp") -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {}, "hyper_parameters": {}, "igdit_run": {"run_id": run_id, "experiment": experiment}},
+                   path)
+        time.sleep(0.02)  # distinct modification times
+        return path
+
+    def config(**init_args):
+        logger = Namespace(class_path="igdit.tracking.MLflowLogger",
+                           init_args=Namespace(experiment_name="exp", run_id=None, **init_args))
+        return Namespace(ckpt_path="last", trainer=Namespace(default_root_dir=str(tmp_path), logger=logger))
+
+    empty = config()
+    assert resolve_resume(empty) is None  # nothing yet: a new run
+    older = checkpoint(tmp_path / "exp" / "run1" / "checkpoints" / "last.ckpt", "run1")
+    checkpoint(tmp_path / "hpc_ckpt_1.ckpt", "runX", experiment="other")  # another experiment's pre-emption save
+    newer = checkpoint(tmp_path / "exp" / "run2" / "checkpoints" / "last.ckpt", "run2")
+    found = config()
+    assert resolve_resume(found) == str(newer) and found.trainer.logger.init_args.run_id == "run2"
+    named = config()
+    named.trainer.logger.init_args.run_id = "run1"
+    assert resolve_resume(named) == str(older)
+    hpc = checkpoint(tmp_path / "hpc_ckpt_2.ckpt", "run1")
+    assert resolve_resume(config()) == str(hpc)

@@ -7,7 +7,7 @@ import sys
 
 from jsonargparse import ArgumentError
 
-from igdit.config import ConfigError, TrainingStopped, one_line
+from igdit.config import ConfigError, TrainingStopped, config_error_in, one_line
 
 # subcommand -> (module under igdit.commands, what it does)
 COMMANDS = {
@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(args[1:])
     except (ConfigError, ArgumentError) as err:
         print("error: " + one_line(err), file=sys.stderr)
+        return 2
+    except ValueError as err:  # jsonargparse wraps a ConfigError raised while it builds a part
+        wrapped = config_error_in(err)
+        if wrapped is None:
+            raise
+        print("error: " + one_line(wrapped), file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)

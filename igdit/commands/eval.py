@@ -16,10 +16,12 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from jsonargparse import ActionConfigFile
 from jsonargparse.typing import PositiveInt
 
 from igdit.callbacks import FIDCallback
+from igdit.checkpoints import read_checkpoint
 from igdit.config import ConfigError, config_parser
 from igdit.data import LatentDataModule
 from igdit.experiment import run_lightning_cli
@@ -76,20 +78,20 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
         evaluator.reference_from_data(datamodule, split, batch_size)
     else:
         evaluator.use_reference(ReferenceStats.load(ref, evaluator.num_features, feature, "--ref"))
-    return evaluator.score(images.split(batch_size)) | {"metric": evaluator.metric_name}
+    batches = tqdm(images.split(batch_size), desc="scoring samples", unit="batch", leave=False)
+    return evaluator.score(batches) | {"metric": evaluator.metric_name}
 
 
 def evaluate_checkpoint(ckpt: str, experiment: Optional[str], overrides: Sequence[str]) -> dict[str, dict]:
     """`igdit validate --config <experiment> --ckpt_path <ckpt>` with the experiment's FIDCallback; its results."""
-    if not Path(ckpt).is_file():
-        raise ConfigError("--ckpt", ckpt, "is not a file; pass an igdit checkpoint (.ckpt)")
+    read_checkpoint(ckpt)  # one-line errors for what is not a safe igdit checkpoint, before anything is built
     if experiment is None:
         raise ConfigError("--experiment", experiment, "pass the experiment YAML whose FIDCallback defines the evaluation")
     cli = run_lightning_cli(["--config", experiment, *overrides], run=False)
     callback = next((cb for cb in cli.trainer.callbacks if isinstance(cb, FIDCallback)), None)
     if callback is None:
         raise ConfigError("--experiment", experiment, "has no igdit.callbacks.FIDCallback in trainer.callbacks")
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
     return {f"{callback.metric_name}/{name}": result for name, result in callback.last_results.items()}
 
 

@@ -93,9 +93,15 @@ def main(argv: list[str]) -> int:
     if sampling.sampler == "sde" and sampling.steps < 2:
         raise ConfigError("--steps", sampling.steps, "the sde sampler needs at least 2 steps")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", str(out), "is a file; --out names the folder samples.npz and samples.png go into")
     existing = [p for p in (out / "samples.npz", out / "samples.png") if p.exists()]
     if existing and not args.overwrite:
         raise ConfigError("--out", str(out), f"already holds {existing[0].name}; pass --overwrite or another folder")
+    foreign = sorted(out.glob("part-*-of-*.npz")) if out.is_dir() else []
+    if foreign:  # the rank parts are written and deleted here: never touch files this command did not write
+        raise ConfigError("--out", str(out), f"holds {foreign[0].name}, which this command would overwrite and "
+                                             "delete; move it away or choose another folder")
     rules = build_rules({key: vars(args[key]) for key in RULES}, "guidance")
     if args.experiment is not None:
         check_experiment(args.experiment, read_checkpoint(args.ckpt)["hyper_parameters"])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
+from tqdm import tqdm
 from torchmetrics.image.inception import InceptionScore
 
 from igdit.config import ConfigError
@@ -119,7 +120,9 @@ class FrechetEvaluator:
             self.use_reference(stats)
             return stats
         rank, world = _dist()
-        stats = self.stream_reference(real_image_batches(datamodule, split, batch_size, rank, world, max_samples))
+        batches = real_image_batches(datamodule, split, batch_size, rank, world, max_samples)
+        stats = self.stream_reference(tqdm(batches, desc=f"reference statistics ({split})", unit="batch",
+                                           disable=rank != 0, leave=False))
         if cache and rank == 0:
             try:
                 stats.save(path)
@@ -201,7 +204,7 @@ def evaluate_settings(module, settings: dict, evaluator: FrechetEvaluator, num_s
                 nonlocal nfe
                 held = 0
                 for images, nfe in image_batches(module, denoiser, sampling, indices, all_labels[indices], seed,
-                                                 batch_size, progress):
+                                                 batch_size, progress, desc=f"samples for {name}"):
                     if held < grid_size:
                         kept.append(images[: grid_size - held].cpu())
                         held += kept[-1].shape[0]

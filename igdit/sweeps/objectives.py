@@ -45,7 +45,7 @@ class SamplingObjective:
         c = self.callback
         rules = self.spec.setting_rules(self.base_rules, values)
         results, _ = evaluate_settings(self.module, {self.setting_name: rules}, self.evaluator, c.num_samples,
-                                       c.sampling, c.labels, c.seed, c.batch_size, grid_size=0)
+                                       c.sampling, c.labels, c.seed, c.batch_size, grid_size=0, progress=True)
         result = results[self.setting_name]
         trial.set_user_attr("nfe", result["nfe"])
         trial.set_user_attr("seconds", round(result["seconds"], 2))

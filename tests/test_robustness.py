@@ -1,0 +1,211 @@
+"""Faults a long run meets, and the conventions users of Lightning, MLflow and torch expect: divergence stops a run
+with one line, bad input never gets a traceback, a checkpoint never runs code, MLflow runs are named and created
+only when a run starts."""
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+import yaml
+
+from igdit.callbacks import DivergenceGuard
+from igdit.cli import main
+from igdit.config import TrainingStopped
+from igdit.data import load_meta
+from igdit.tracking import MLflowLogger, default_tracking_uri
+
+from helpers import REPO, short_config, tiny_module
+
+
+def _fit(config: Path, root: Path, data: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(config), "--data.root", str(data), "--trainer.default_root_dir", str(root / "runs"),
+            "--trainer.logger.init_args.tracking_uri", f"sqlite:///{root / 'mlflow.db'}", *extra]
+
+
+# ---- divergence ----------------------------------------------------------------------------------------------
+class _Trainer:
+    global_step, checkpoint_callback = 0, None
+
+
+def test_the_divergence_guard_stops_a_loss_that_runs_away_and_only_then():
+    guard = DivergenceGuard(factor=10.0, patience=3, window=20, warmup_steps=5)
+    trainer = _Trainer()
+    for step in range(30):  # a noisy but healthy run
+        trainer.global_step = step
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0 + 0.5 * (step % 3))}, None, step)
+    guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(50.0)}, None, 30)  # one spike is allowed
+    guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 31)
+    assert not guard.suspicious
+    with pytest.raises(TrainingStopped, match=r"diverged at step .*stayed above 10 x its running median"):
+        for step in range(32, 40):
+            trainer.global_step = step
+            guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(1e6)}, None, step)
+    assert guard.suspicious  # while it ran away, checkpoints waited
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change_with_one_line():
+    module = tiny_module()
+    trainer = type("T", (), {"global_step": 0,
+                             "checkpoint_callback": type("C", (), {"last_model_path": "runs/x/last.ckpt"})()})()
+    module._trainer = trainer
+    module.train_generator = torch.Generator().manual_seed(0)
+    before = [p.clone() for p in module.parameters()]
+    with pytest.raises(TrainingStopped) as err:
+        module.training_step((torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long)), 0)
+    assert "non-finite training loss" in str(err.value) and "runs/x/last.ckpt" in str(err.value)
+    assert "\n" not in str(err.value) and all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_with_one_line_naming_the_last_good_checkpoint(tmp_path, digits_root, capsys):
+    config = short_config(tmp_path / "c.yaml", max_steps=200, every=10, samples_per_class=1, grid_steps=2)
+    cfg = yaml.safe_load(config.read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("DivergenceGuard"):
+            cb["init_args"] = {"warmup_steps": 5, "patience": 3}
+    config.write_text(yaml.safe_dump(cfg))
+    code = main(_fit(config, tmp_path, digits_root, "--model.optimizer.init_args.lr", "1e6"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error: ") and ("diverged" in err or "non-finite" in err)
+    assert "checkpoint" in err
+
+
+# ---- checkpoints: the final step, and never code ---------------------------------------------------------------
+@pytest.mark.slow
+def test_the_final_step_is_saved_as_last_with_raw_and_ema_weights_apart(tmp_path, digits_root):
+    config = short_config(tmp_path / "c.yaml", max_steps=25, every=10, samples_per_class=1, grid_steps=2)
+    assert main(_fit(config, tmp_path, digits_root)) == 0
+    last = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
+    assert last["global_step"] == 25  # not 20, the last multiple of the checkpoint interval
+    name = "backbone.final_layer.linear.weight"
+    assert not torch.equal(last["state_dict"][name], last["current_model_state"][name])
+
+
+class Payload:
+    """What a malicious checkpoint carries: unpickling it would create a file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+@pytest.fixture()
+def payload_checkpoint(tmp_path, digits_root):
+    module = tiny_module()
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__, "igdit_data_meta": load_meta(digits_root),
+                "surprise": Payload(str(tmp_path / "pwned"))}, path)
+    return path
+
+
+def test_no_command_runs_the_code_a_checkpoint_carries(payload_checkpoint, tmp_path, digits_root, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # flips torch.load's default to unpickling anything
+    ckpt, marker = str(payload_checkpoint), tmp_path / "pwned"
+    config = short_config(tmp_path / "c.yaml", max_steps=5, every=5, samples_per_class=1, grid_steps=2)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "study": {"name": "s", "storage": f"sqlite:///{tmp_path / 'o.db'}", "n_trials": 1},
+        "kind": "sampling", "base": str(config), "objective": {"setting": "ig"},
+        "search_space": {"guidance.ig.scale": {"type": "float", "low": 1.0, "high": 2.0}},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}}))
+    commands = [
+        ["sample", "--ckpt", ckpt, "--out", str(tmp_path / "s")],
+        ["sample", "--ckpt", str(_clean(tmp_path, digits_root)), "--ag.scale", "2", "--ag.ckpt", ckpt,
+         "--out", str(tmp_path / "s2")],
+        ["eval", "--ckpt", ckpt, "--experiment", str(config), "--", "--data.root", str(digits_root)],
+        ["sweep", str(sweep), "--ckpt", ckpt],
+        _fit(config, tmp_path, digits_root, "--ckpt_path", ckpt),
+        ["validate", *_fit(config, tmp_path, digits_root, "--ckpt_path", ckpt)[1:]],
+        ["import-ckpt", "--from", "official-sit", ckpt, "--model", "SiT-T/2", "--exit", "2", "--out",
+         str(tmp_path / "i.ckpt")],
+    ]
+    for command in commands:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and ("weights_only" in err or "Unsupported global" in err), (command, err)
+        assert not marker.exists(), command
+
+
+def _clean(tmp_path, digits_root) -> Path:
+    module = tiny_module()
+    path = tmp_path / "clean.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__, "igdit_data_meta": load_meta(digits_root)}, path)
+    return path
+
+
+# ---- bad input: one line, nothing written -------------------------------------------------------------------------
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, digits_root, capsys, own_working_directory):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    cfg = yaml.safe_load((REPO / "experiments/default.yaml").read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("FIDCallback"):
+            cb["init_args"]["settings"]["ig"]["ig"]["scale"] = -2
+    bad_fid = tmp_path / "bad_fid.yaml"
+    bad_fid.write_text(yaml.safe_dump(cfg))
+    good = _clean(tmp_path, digits_root)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "a_file").write_text("mine")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "part-00000-of-00001.npz").write_bytes(b"mine")
+    cases = [
+        (["fit", "--config", str(empty)], "--config"),
+        (["fit", "--config", str(bad_fid), "--data.root", str(digits_root)], "FIDCallback.settings.ig.ig.scale"),
+        (["fit", "--config", str(REPO / "experiments/default.yaml"), "--data.root", str(digits_root),
+          "--trainer.precision", "17"], "trainer.precision"),
+        (["sample", "--ckpt", str(empty)], "--ckpt"),
+        (["sample", "--ckpt", str(truncated)], "--ckpt"),
+        (["sample", "--ckpt", str(good), "--out", str(tmp_path / "a_file")], "--out"),
+        (["sample", "--ckpt", str(good), "--out", str(foreign)], "--out"),
+        (["eval", "--ckpt", str(truncated), "--experiment", str(REPO / "experiments/default.yaml")], "--ckpt"),
+    ]
+    for command, field in cases:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {field}") and len(err[0]) < 400, (command, err)
+    assert (foreign / "part-00000-of-00001.npz").read_bytes() == b"mine"
+    assert (tmp_path / "a_file").read_text() == "mine"
+    assert not any(own_working_directory.iterdir())  # no mlflow.db, no runs/
+
+
+# ---- MLflow conventions -----------------------------------------------------------------------------------------
+def test_mlflow_tracking_uri_is_honoured_and_runs_get_distinct_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    assert default_tracking_uri() == f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    lightning.seed_everything(0)
+    first = MLflowLogger(experiment_name="e")
+    lightning.seed_everything(0)
+    second = MLflowLogger(experiment_name="e")
+    assert first._run_name != second._run_name
+    assert not (tmp_path / "elsewhere.db").exists()  # nothing is created before the run logs
+    first.log_hyperparams({"a": 1})
+    assert (tmp_path / "elsewhere.db").exists()
+
+
+@pytest.mark.slow
+def test_two_fits_started_at_once_in_an_empty_folder_both_run(tmp_path, digits_root):
+    config = short_config(tmp_path / "c.yaml", max_steps=3, every=3, samples_per_class=1, grid_steps=2)
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "igdit.cli", "fit", "--config", str(config), "--data.root", str(digits_root)]
+    processes = [subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("igdit-digits").experiment_id])
+    assert len(runs) == 2 and len({r.info.run_name for r in runs}) == 2

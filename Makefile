@@ -7,6 +7,8 @@ DATA   ?= data/digits
 SOURCE ?= digits
 ARGS   ?=
 SWEEP  ?= sweeps/ig_guidance.yaml
+STUDY  ?= experiments/reproduce.yaml
+QUICK  ?=
 DATA_ARGS ?=
 
 # Several GPUs or nodes: `make train CONFIG=... NODES=4 GPUS=8 NODE_RANK=<i> MASTER_ADDR=<host of rank 0>` on every
@@ -28,12 +30,13 @@ endif
 # Only the default experiment trains on the digits shards `make data` builds; the paper configs name their own.
 TRAIN_DATA := $(if $(filter experiments/default.yaml,$(CONFIG)),data,)
 
-.PHONY: help venv data train sweep test test-fast bench clean-venv
+.PHONY: help venv data train sweep reproduce test test-fast bench clean-venv
 
 help:
 	@echo "make train   set up, build the digits shards if needed, train $(CONFIG) (ARGS='--trainer.max_steps 500' to override)"
 	@echo "             NODES=4 GPUS=8 NODE_RANK=<i> MASTER_ADDR=<host> [MASTER_PORT=29500]: torchrun + DDP on every node"
 	@echo "make sweep   run or continue the Optuna study SWEEP=$(SWEEP) (sampling sweeps score the newest run of its base)"
+	@echo "make reproduce  run the study $(STUDY) (QUICK=1: a first look in < 20 min), write REPRODUCTION.md"
 	@echo "make test    set up and run the test suite (slow end-to-end tests included)"
 	@echo "make data    build $(SOURCE) into $(DATA) (DATA_ARGS='--encoder sd-vae-ft-ema --resolution 256'; GPUS=8 splits it)"
 	@echo "make bench   measure speed and memory targets, write BENCHMARKS.md"
@@ -58,6 +61,9 @@ train: venv $(TRAIN_DATA)
 
 sweep: venv data
 	$(BIN)/igdit sweep $(SWEEP) $(ARGS)
+
+reproduce: venv data
+	$(BIN)/igdit reproduce $(STUDY) $(if $(QUICK),--quick,) $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q $(ARGS)

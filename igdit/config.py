@@ -181,7 +181,7 @@ def build(cls: type, config: Any, field: str = "") -> Any:
 
 
 def _parse(add, config: Any, field: str) -> Any:
-    key = (field or "root").replace(".", "_").replace("[", "_").replace("]", "_")  # messages get ``field`` back
+    key = re.sub(r"\W", "_", field or "root")  # one flat identifier; messages get ``field`` back
     parser = config_parser()
     add(parser, key)
     try:

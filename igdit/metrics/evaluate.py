@@ -186,7 +186,7 @@ def evaluate_settings(module, settings: dict, evaluator: FrechetEvaluator, num_s
     module: an IGDiTModule (backbone, transport, latent_shape, num_classes, data_meta); settings: name -> a list
     of guidance rules. Every setting starts from the same per-sample noise and labels (seeded by ``seed``), and
     this rank generates the samples rank, rank + world, ..., so the result does not depend on the rank count.
-    Returns ({name: {"fd", "num_samples", "nfe", "seconds"[, "is", "is_std"]}}, {name: first <= grid_size
+    Returns ({name: {"fd", "num_samples", "nfe", "cost", "seconds"[, "is", "is_std"]}}, {name: first <= grid_size
     images of this rank, uint8 (n, C, H, W) on the CPU}).
     """
     rank, world = _dist()
@@ -212,6 +212,8 @@ def evaluate_settings(module, settings: dict, evaluator: FrechetEvaluator, num_s
 
             start = time.perf_counter()
             results[name] = evaluator.score(stream()) | {"nfe": nfe, "seconds": time.perf_counter() - start}
+            # network rows pushed per sample and step: 1 unguided, 2 for CFG on every step, 1 + guide for AG
+            results[name]["cost"] = denoiser.network_rows / max(len(indices) * nfe, 1)
             grids[name] = torch.cat(kept) if kept else torch.empty(0, dtype=torch.uint8)
     finally:
         module.train(was_training)

@@ -194,8 +194,12 @@ def posterior_streaming(workers=(1, 2), batch: int = 256, batches: int = 60, sam
             "forward_gflops": forward}
 
 
-def sections(sampling: dict, streaming: dict) -> list[str]:
-    """The report's sections (each starts with '## ') from ``sampling_throughput`` and ``posterior_streaming``."""
+def sections(sampling: dict, streaming: dict, sit_bound: Optional[float] = None) -> list[str]:
+    """The report's sections (each starts with '## ') from ``sampling_throughput`` and ``posterior_streaming``.
+
+    sit_bound: the SiT-XL/2 per-GPU consumption figure the data section already reports
+    (``igdit.bench.SIT_XL2_SAMPLES_PER_GPU``), to set the posterior rate against it as well.
+    """
     s = sampling["settings"]
     ig, flops = s["ig 1.7"], sampling["flops"]
     lines = [
@@ -235,7 +239,12 @@ def sections(sampling: dict, streaming: dict) -> list[str]:
               f"device; FLOPs = 2 x multiply-adds, where the DiT paper's 118.6 'GFLOPs' for SiT-XL/2 count "
               f"multiply-adds) x 3 for forward + backward at {ASSUMED_GPU_TFLOPS:.0f} TFLOP/s (50% of an H100's dense "
               f"bf16 peak). One worker streams **{p[workers[0]]['per_worker'] / bound:.1f}x** that; 8 workers per GPU at "
-              f"this per-worker rate ~{8 * p[workers[0]]['per_worker'] / bound:.0f}x.\n"]
+              f"this per-worker rate ~{8 * p[workers[0]]['per_worker'] / bound:.0f}x."]
+    if sit_bound:
+        lines[-1] += (f" Against the SiT-XL/2 figure of the streaming section ({sit_bound:,.0f} samples/s, from "
+                      f"multiply-adds, so twice this one's for the same compute): "
+                      f"**{p[workers[0]]['per_worker'] / sit_bound:.1f}x** per worker.")
+    lines[-1] += "\n"
     return lines
 
 

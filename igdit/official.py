@@ -260,8 +260,9 @@ def _training_facts(fmt: OfficialFormat, args: dict) -> dict:
                             ("latent_norm", "latent_norm", data), ("downsample_ratio", "downsampling", vae)):
         if part.get(key) is not None:
             facts[name] = part[key]
-    if model and "latent_multiplier" not in facts:
-        facts["latent_multiplier"] = 0.18215  # train.py's default when the config has none
+    if data:  # train.py's defaults when the config has a data section without them
+        facts.setdefault("latent_multiplier", 0.18215)
+        facts.setdefault("latent_norm", False)
     return facts
 
 

@@ -19,6 +19,6 @@ def test_sampling_and_streaming_sections():
     assert 1.0 < s["cfg 1.45 on [0, 0.81]"]["rows_ratio"] < 2.0  # doubled only inside the interval
     streaming = posterior_streaming(workers=(0,), batch=16, batches=3, samples=200, per_shard=50, rounds=1)
     assert streaming["formats"]["posterior"][0]["samples_per_sec"] > 0 and streaming["consumption_per_gpu"] > 0
-    report = "\n".join(sections(sampling, streaming))
+    report = "\n".join(sections(sampling, streaming, sit_bound=1390.0))
     assert report.count("\n## ") == 1 and report.startswith("## LightningDiT-T/1 + IG sampling")
-    assert "IG/none: **" in report and "posterior samples/s" in report
+    assert "IG/none: **" in report and "posterior samples/s" in report and "SiT-XL/2 figure" in report

@@ -99,6 +99,25 @@ def test_bare_ddp_state_dict_needs_only_what_it_cannot_say(files, tmp_path, caps
     assert all(torch.equal(state[k], v) for k, v in files["ema"].items())
 
 
+def test_normalisation_follows_the_training_config(files, tmp_path, capsys):
+    # a config whose data section omits latent_norm and latent_multiplier: train.py's defaults (no statistics,
+    # multiplier 0.18215), exactly what that training run normalised with
+    config = _config()
+    del config["data"]["latent_norm"], config["data"]["latent_multiplier"]
+    torch.save({"ema": files["ema"], "config": config}, tmp_path / "plain.pt")
+    out = tmp_path / "plain.ckpt"
+    assert _import(["--from", "official-lightningdit", tmp_path / "plain.pt", "--vae", f"vavae-f16d32:{files['vavae']}",
+                    "--out", out], capsys)[0] == 0
+    meta = load_module(out).data_meta
+    assert meta["normalizer"] == {"shift": [0.0] * 32, "scale": [0.18215] * 32}
+    assert meta["normalizer_fit"] == {"method": "multiplier", "multiplier": 0.18215}
+    # statistics given explicitly are scaled by the multiplier (x = (z - mean) / std * multiplier)
+    out2 = tmp_path / "stats.ckpt"
+    assert _import(["--from", "official-lightningdit", tmp_path / "plain.pt", "--vae", f"vavae-f16d32:{files['vavae']}",
+                    "--latent-stats", files["stats"], "--latent-multiplier", "0.5", "--out", out2], capsys)[0] == 0
+    assert load_module(out2).data_meta["normalizer"] == load_latent_stats(str(files["stats"]), 0.5).to_dict()
+
+
 @pytest.mark.slow
 def test_imported_lightningdit_samples_to_png_and_npz(files, tmp_path, capsys):
     out = tmp_path / "ldit.ckpt"

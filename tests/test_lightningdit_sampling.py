@@ -114,3 +114,13 @@ def test_a_preset_refuses_a_model_it_does_not_fit():
     with pytest.raises(ConfigError, match=r"^--preset: 'lightningdit-xl1-ig-cfg' .*LightningDiT-XL/1.*"
                                           r"LightningDiT-T/1"):
         get_preset("lightningdit-xl1-ig-cfg", tiny)
+
+
+def test_igdit_sample_takes_the_presets_sampler_including_per_evaluation_decisions():
+    from igdit.commands.sample import parse
+
+    args = parse(["--ckpt", "x", "--preset", "lightningdit-xl1-ig"])
+    assert (args.sampler, args.steps, args.schedule, args.shift, args.heun_last_step, args.heun_decide) == \
+        ("heun", 124, "shifted", 0.3, "heun", "evaluation")
+    assert args.ig.scale == 1.7 and args.cfg.scale == 1.0
+    assert parse(["--ckpt", "x", "--preset", "sit-xl2-ig-cfg"]).heun_decide == "step"

@@ -39,6 +39,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from igdit.config import ConfigError
 from igdit.data.encoders import LatentNormalizer, build_encoder, load_latent_stats
 from igdit.models import BACKBONES, Backbone, LightningDiT, SiT
+from igdit.models.base import check_exits
 from igdit.module import build_module
 
 WEIGHTS = ("ema", "model")  # the weight sets of an official training checkpoint
@@ -276,7 +277,8 @@ def _resolve_model(fmt: OfficialFormat, state: dict, facts: dict, model: Optiona
             size = infer_size(state, fmt.family)
             model = f"{fmt.family.family}-{size}" if size is not None else fmt.model
     if model not in BACKBONES:
-        raise ConfigError("--model", model, "choose one of " + ", ".join(BACKBONES))
+        raise ConfigError("--model", model, "choose one of " + ", ".join(n for n, (f, _) in BACKBONES.items()
+                                                                      if f is fmt.family))
     if BACKBONES[model][0] is not fmt.family:
         raise ConfigError("--model", model, f"is not a {fmt.family.family} model; {source} imports "
                                             f"{fmt.family.family} checkpoints")
@@ -310,6 +312,10 @@ def infer_backbone(state: dict, info: dict, fmt: OfficialFormat, model: Optional
             raise ConfigError("--exit", exits[0], f"the paper's exit block does not fit this {depth}-block model; "
                                                   "pass --exit <block>")
     exits = [int(e) for e in exits]
+    try:  # the backbone would refuse it as model.backbone.exits; the user typed --exit
+        check_exits(exits, family.sizes[size]["depth"])
+    except ConfigError as err:
+        raise ConfigError("--exit", err.value, err.allowed) from None
     config_exit = facts.get("exit")
     if len(exits) == 1 and isinstance(config_exit, int) and config_exit != exits[0]:
         raise ConfigError("--exit", exits[0], f"the checkpoint's {fmt.config_key} say its IG head reads block "

@@ -30,6 +30,8 @@ class Sampling:
     sampler: "sde" (Euler–Maruyama, the SiT paper's evaluation), "euler" or "heun" (ODE).
     schedule: the time grid (default: uniform for euler/heun, the sde grid for sde); "shifted" with ``shift``
         is LightningDiT's time shift. heun_last_step: "euler" (SiT) or "heun" (LightningDiT's heun2).
+    heun_decide: when guidance rules decide whether they act in a Heun step: once at its start ("step", the
+        public SiT sampler) or at each evaluation's own time ("evaluation", LightningDiT's heun2).
     """
 
     sampler: Literal["euler", "heun", "sde"] = "sde"
@@ -37,11 +39,13 @@ class Sampling:
     schedule: Optional[Literal["uniform", "sde", "shifted"]] = None
     shift: PositiveFloat = 0.3
     heun_last_step: Literal["euler", "heun"] = "euler"
+    heun_decide: Literal["step", "evaluation"] = "step"
 
     def describe(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule or "default",
                 **({"shift": self.shift} if self.schedule == "shifted" else {}),
-                **({"heun_last_step": self.heun_last_step} if self.sampler == "heun" else {})}
+                **({"heun_last_step": self.heun_last_step, "heun_decide": self.heun_decide}
+                   if self.sampler == "heun" else {})}
 
 
 def class_labels(num: int, num_classes: int, mode: str, seed: int, field: str = "--num") -> torch.Tensor:
@@ -99,7 +103,8 @@ def image_batches(module, denoiser: Denoiser, sampling: Sampling, indices: list[
         x0, nfe = run_sampler(sampling.sampler, denoiser, module.transport, noise(),
                               labels[start:start + batch_size].to(parameter.device), sampling.steps,
                               model_dtype=parameter.dtype, step_noise=noise, schedule=sampling.schedule,
-                              shift=sampling.shift, heun_last_step=sampling.heun_last_step)
+                              shift=sampling.shift, heun_last_step=sampling.heun_last_step,
+                              decide=sampling.heun_decide)
         yield to_uint8(decode_latents(x0.float(), module.data_meta)), nfe
 
 

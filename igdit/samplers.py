@@ -7,9 +7,11 @@ linspace(1, 0.04, steps) then 0) and ``shifted`` (the LightningDiT time shift). 
 as the public SiT code does; the denoiser is called in the model's dtype. Each sampler returns (x at t = 0,
 NFE), NFE being the number of denoiser evaluations (a doubled CFG batch counts once, as the papers count it).
 
-A denoiser is called as ``denoiser(x, t, labels, decide_at=t_step)``: ``decide_at`` is the time of the step the
-call belongs to. Heun evaluates twice per step; guidance rules decide whether they act once per step, at its
-start, as the public SiT Euler/Heun sampler does.
+A denoiser is called as ``denoiser(x, t, labels, decide_at=...)``: ``decide_at`` is the time at which guidance
+rules decide whether they act. Heun evaluates twice per step; by default the rules decide once per step, at its
+start, as the public SiT Euler/Heun sampler does (``decide="step"``); LightningDiT's heun2 (torchdiffeq) calls
+its guided model at each evaluation's own time, so a CFG interval boundary inside a step switches CFG on for the
+second evaluation only (``decide="evaluation"``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
-from igdit.config import ConfigError, check_number
+from igdit.config import ConfigError, check_choice, check_number
 
 SAMPLERS = ("euler", "heun", "sde")
 ScheduleName = Literal["uniform", "sde", "shifted"]
@@ -83,11 +85,12 @@ def euler_ode(denoiser, noise: torch.Tensor, labels: torch.Tensor, grid: Sequenc
 
 
 def heun_ode(denoiser, noise: torch.Tensor, labels: torch.Tensor, grid: Sequence[float],
-             model_dtype: Optional[torch.dtype] = None,
-             last_step: Literal["euler", "heun"] = "euler") -> tuple[torch.Tensor, int]:
+             model_dtype: Optional[torch.dtype] = None, last_step: Literal["euler", "heun"] = "euler",
+             decide: Literal["step", "evaluation"] = "step") -> tuple[torch.Tensor, int]:
     """Heun (2nd order) along ``grid``. The last step is Euler (SiT's ODE sampler; NFE = 2 steps - 1) or a full
     Heun step ending in an evaluation at t = 0 (LightningDiT's fixed-grid heun2; NFE = 2 steps). Guidance decides
-    once per step, at the step's start. Shapes as ``euler_ode``.
+    once per step at the step's start (``decide="step"``, SiT) or at each evaluation's own time
+    (``"evaluation"``, LightningDiT). Shapes as ``euler_ode``.
     """
     grid = _check_grid(grid)
     dtype = model_dtype or noise.dtype
@@ -100,7 +103,8 @@ def heun_ode(denoiser, noise: torch.Tensor, labels: torch.Tensor, grid: Sequence
         nfe += 1
         x_next = x + dt * d_cur
         if i < steps - 1 or last_step == "heun":
-            d_next = denoiser(x_next.to(dtype), t_next, labels, decide_at=t_cur).to(torch.float64)
+            d_next = denoiser(x_next.to(dtype), t_next, labels,
+                              decide_at=t_next if decide == "evaluation" else t_cur).to(torch.float64)
             nfe += 1
             x_next = x + dt * 0.5 * (d_cur + d_next)
         x = x_next
@@ -138,9 +142,10 @@ def euler_maruyama_sde(denoiser, transport, noise: torch.Tensor, labels: torch.T
 def run_sampler(name: str, denoiser, transport, noise: torch.Tensor, labels: torch.Tensor, steps: int,
                 model_dtype: Optional[torch.dtype] = None,
                 step_noise: Optional[Callable[[], torch.Tensor]] = None, schedule: Optional[str] = None,
-                shift: float = 0.3, heun_last_step: Literal["euler", "heun"] = "euler") -> tuple[torch.Tensor, int]:
+                shift: float = 0.3, heun_last_step: Literal["euler", "heun"] = "euler",
+                decide: Literal["step", "evaluation"] = "step") -> tuple[torch.Tensor, int]:
     """Sample with ``name`` ("euler", "heun", "sde") on ``steps`` steps of ``schedule`` (default: uniform for the
-    ODE samplers, the sde grid for "sde")."""
+    ODE samplers, the sde grid for "sde"); ``heun_last_step`` and ``decide``: see ``heun_ode``."""
     if name not in SAMPLERS:
         raise ConfigError("sampler", name, "choose one of " + ", ".join(SAMPLERS))
     check_number("steps", steps, low=2 if name == "sde" else 1, integer=True)
@@ -148,5 +153,6 @@ def run_sampler(name: str, denoiser, transport, noise: torch.Tensor, labels: tor
     if name == "euler":
         return euler_ode(denoiser, noise, labels, grid, model_dtype)
     if name == "heun":
-        return heun_ode(denoiser, noise, labels, grid, model_dtype, heun_last_step)
+        check_choice("decide", decide, ("step", "evaluation"))
+        return heun_ode(denoiser, noise, labels, grid, model_dtype, heun_last_step, decide)
     return euler_maruyama_sde(denoiser, transport, noise, labels, grid, model_dtype, step_noise)

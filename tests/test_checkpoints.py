@@ -164,13 +164,15 @@ def test_bad_files_keys_and_existing_out(tmp_path):
     assert load_module(out).backbone.exit_indices == (2,)
 
 
-def test_cli_main(tmp_path, capsys):
-    path, _, _ = _official(tmp_path)
+def test_cli_main(tmp_path, capsys, tiny_vae):
+    path, _, _ = _official(tmp_path, in_channels=4)  # the tests' tiny VAE: 4 channels, downsampling 2 -> 16 px
     out = tmp_path / "model.ckpt"
-    argv = ["--from", "official-sit", str(path), "--model", "SiT-T/2", "--exit", "2", "--out", str(out)]
+    argv = ["--from", "official-sit", str(path), "--model", "SiT-T/2", "--exit", "2", "--out", str(out),
+            "--vae", f"diffusers:{tiny_vae}", "--resolution", "16"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert str(out) in printed and "4000" in printed and "parameters" in printed
+    assert str(out) in printed and "4000" in printed and "parameters" in printed and "decoder" in printed
+    assert load_module(out).data_meta["encoder"]["latent_channels"] == 4
     assert main(argv) == 2  # out exists now
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --out:") and len(err.splitlines()) == 1

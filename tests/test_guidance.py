@@ -193,4 +193,5 @@ def test_a_preset_refuses_a_model_it_was_not_published_for():
 
 def test_sampling_describes_itself_for_logs():
     assert Sampling("heun", 124, "shifted", 0.3, "heun").describe() == {
-        "sampler": "heun", "steps": 124, "schedule": "shifted", "shift": 0.3, "heun_last_step": "heun"}
+        "sampler": "heun", "steps": 124, "schedule": "shifted", "shift": 0.3, "heun_last_step": "heun",
+        "heun_decide": "step"}

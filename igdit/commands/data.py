@@ -25,7 +25,7 @@ def _parser():
                     "share of the shards on its own GPU; rank 0 writes meta.json.\n\n"
                     "  igdit data build digits data/digits\n"
                     "  igdit data build imagefolder:/datasets/imagenet/train data/imagenet256 --encoder sd-vae-ft-ema \\\n"
-                    "      --resolution 256 --flip --samples-per-shard 2500 --val-fraction 0.001")
+                    "      --resolution 256 --flip --samples-per-shard 2500 --val-fraction 0.001 --latent posterior")
     build.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
     build.add_argument("source", type=str, help=f"image source: {', '.join(SOURCES)} (imagefolder:<dir>, one sub-folder per class)")
     build.add_argument("out_dir", type=str, help="folder for the shards, e.g. data/digits")
@@ -36,7 +36,8 @@ def _parser():
                             f"cache ({hf_cache_dir()}); nothing is downloaded")
     build.add_argument("--latent", type=Optional[str], default=None,
                        help=f"VAEs, one of {', '.join(LATENT_MODES)}: store a posterior sample (default; seeded "
-                            "per image) or the posterior mean")
+                            "per image), the posterior mean, or the posterior's mean and std (float16) so that "
+                            "training draws a fresh latent every time it reads a sample")
     build.add_argument("--normalizer", type=str, default="encoder",
                        help=f"one of {', '.join(NORMALIZERS)}: the encoder's own scaling (0.18215 for SD-VAE; "
                             "default) or per-channel mean/std of --stats-images training latents")
@@ -76,7 +77,8 @@ def _summary(meta: dict, out_dir: str, seconds: float) -> str:
         lines.append(f"  {split:<5} {n:>7} samples in {k} shard(s)  {split}-{0:06d}.tar .. {split}-{k - 1:06d}.tar")
     size = f"{meta['image_shape'][1]}x{meta['image_shape'][2]}" + (" (upsampled)" if meta["upsampled"] else "")
     flip = ", training images also mirrored" if meta.get("flip") else ""
-    lines.append(f"  images {size}{flip}; latents {c}x{h}x{w} {meta['dtype']}, encoder {meta['encoder']['name']}, "
+    stored = "posterior mean and std" if meta.get("latent_format") == "posterior" else "latents"
+    lines.append(f"  images {size}{flip}; {stored} {c}x{h}x{w} {meta['dtype']}, encoder {meta['encoder']['name']}, "
                  f"{meta['num_classes']} classes")
     lines.append(f"  normalizer shift {norm['shift']} scale {norm['scale']}")
     skipped = meta.get("skipped_images", {}).get("count", 0)

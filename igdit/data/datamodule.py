@@ -15,6 +15,12 @@ number of samples and that number is a multiple of the per-device batch (shard c
 ranks x workers, equal shards), an epoch reads every training sample exactly once.
 
 Validation: every rank reads ALL val shards once, in shard order, unshuffled, last partial batch kept.
+
+Posterior shards (meta.json ``latent_format: posterior``) hold each sample's normalised posterior mean and std;
+the training stream draws x = mean + std eps afresh every time it reads a sample, from one generator per
+(rank, worker, pass) seeded with (seed, rank, worker, pass): a fixed seed reproduces every draw, and every pass
+(epoch) draws anew. Validation and reference reads draw once per sample, seeded by the data seed and the
+sample's key, so they are the same at every evaluation.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import glob
 import io
 import itertools
 import math
+import zlib
 import os
 import random
 from functools import partial
@@ -37,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from igdit.config import ConfigError, check_number
 from igdit.data.encoders import LatentNormalizer
-from igdit.data.shards import load_meta
+from igdit.data.shards import latent_format, load_meta
 
 
 def resolve_shards(spec: Optional[str], root: Path, split: str, field: str) -> list[str]:
@@ -77,29 +84,62 @@ def npy_header(latent_shape: tuple) -> bytes:
     return buffer.getvalue()[: -2 * math.prod(latent_shape)]
 
 
-def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool, header: bytes = b""):
-    """Raw tar sample -> (x float32 (c, h, w), y long ()) or (key, x, y).
+def _read_npy(raw: bytes, latent_shape: tuple, header: bytes) -> np.ndarray:
+    """A float16 (c, h, w) array from its .npy bytes: straight from the bytes when they start with exactly
+    ``header`` (parsing the npy header costs about a third of a sample's time), else WebDataset's decoder."""
+    if header and raw.startswith(header) and len(raw) == len(header) + 2 * math.prod(latent_shape):
+        return np.frombuffer(raw, np.float16, offset=len(header)).reshape(latent_shape)
+    latent = wds.autodecode.npy_loads(raw)
+    if tuple(latent.shape) != latent_shape:
+        raise ValueError(f"latent shape {tuple(latent.shape)}, meta.json says {latent_shape}")
+    return latent
 
-    A latent.npy that starts with exactly ``header`` (float16, this shape, C order) is read straight from its
-    bytes; anything else goes through WebDataset's own npy decoder (parsing the npy header costs about a
-    third of a sample's time). A failure names the sample and its shard, so the warning that
-    wds.warn_and_continue prints says what was skipped.
+
+def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool, header: bytes = b"", posterior: bool = False):
+    """Raw tar sample -> (x float32 (c, h, w), y long ()) or (key, x, y); posterior shards give the moments
+    in place of x: (mean, std, y, pass) or (key, mean, std, y, pass), pass = the RepeatShards pass it came from
+    (None outside training).
+
+    A failure names the sample and its shard, so the warning that wds.warn_and_continue prints says what was
+    skipped.
     """
     key, url = sample.get("__key__"), sample.get("__url__")
     try:
-        raw = sample["latent.npy"]
-        if header and raw.startswith(header) and len(raw) == len(header) + 2 * math.prod(latent_shape):
-            latent = np.frombuffer(raw, np.float16, offset=len(header)).reshape(latent_shape)
-        else:
-            latent = wds.autodecode.npy_loads(raw)
+        members = ("mean.npy", "std.npy") if posterior else ("latent.npy",)
+        arrays = [_read_npy(sample[m], latent_shape, header) for m in members]
         label = wds.autodecode.decoders["cls"](sample["cls"])
-        if tuple(latent.shape) != latent_shape:
-            raise ValueError(f"latent shape {tuple(latent.shape)}, meta.json says {latent_shape}")
     except Exception as err:
         raise ValueError(f"skipped sample {key} of {url}: {err!r}") from err
-    x = torch.from_numpy(np.asarray(latent, dtype=np.float32))
+    tensors = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
     y = torch.tensor(label, dtype=torch.long)
-    return (key, x, y) if with_keys else (x, y)
+    out = (*tensors, y, sample.get("__pass__")) if posterior else (*tensors, y)
+    return (key, *out) if with_keys else out
+
+
+class PosteriorDraws(wds.PipelineStage):
+    """Stage after decoding posterior shards: (…, mean, std, y, pass) -> (…, x, y), x = mean + std eps.
+
+    In training (``pass`` = (worker, pass, place in the pass), set by RepeatShards) eps is seeded with (seed, rank,
+    worker, pass, place): the samples of a pass arrive in a seeded order, so a fixed seed reproduces every draw, every pass
+    draws anew, and a stream resumed in the middle of a pass draws what the uninterrupted one would have. Outside training (``pass`` None; the input carries
+    keys) each sample's eps is seeded by (seed, crc32 of its key): the same draw at every evaluation.
+    ``keep_keys``: keep the key in front of the output (the input has one whenever pass is None).
+    """
+
+    def __init__(self, seed: int, keep_keys: bool):
+        self.seed, self.keep_keys = seed, keep_keys
+
+    def run(self, src):
+        rank = wds.utils.pytorch_worker_info()[0]
+        generator = torch.Generator()
+        for item in src:
+            *head, mean, std, y, pass_ = item
+            if pass_ is None:  # a keyed, evaluation-time read
+                generator.manual_seed(wds.utils.make_seed(self.seed, zlib.crc32(str(head[0]).encode())))
+            else:  # trailing 2: not a shuffle seed
+                generator.manual_seed(wds.utils.make_seed(self.seed, rank, *pass_, 2))
+            x = mean + std * torch.randn(mean.shape, generator=generator)
+            yield (*head, x, y) if self.keep_keys else (x, y)
 
 
 def _too_few_shards(num_shards: int, world_size: int, workers: int) -> str:
@@ -119,16 +159,21 @@ class ResumePoint:
     """Where a resumed run's data stream starts: ``batches`` per-device batches were consumed before the checkpoint.
 
     Epoch e of the stream is pass e of every (rank, worker), and the DataLoader takes batch k of an epoch from
-    worker k mod W (in order), so the point is (pass, batches each worker had delivered in it). Only the first
-    epoch after a resume is shortened; later ones are whole.
+    worker k mod W, starting every epoch at worker 0. So for the rest of the interrupted epoch worker w plays the
+    part of worker (w + offset) mod W (reads its shards, from where it had stopped), and batch k after the resume
+    is exactly batch offset + k of the uninterrupted epoch; later epochs are whole and every worker is itself.
     """
 
     def __init__(self, batches: int, steps_per_epoch: int):
         self.epoch, self.offset = divmod(int(batches), steps_per_epoch)
 
-    def done(self, worker: int, workers: int) -> int:
-        """Batches worker ``worker`` of ``workers`` had delivered in the interrupted epoch."""
-        return len(range(worker, self.offset, workers))
+    def role(self, worker: int, workers: int) -> int:
+        """The worker whose part worker ``worker`` plays for the rest of the interrupted epoch."""
+        return (worker + self.offset) % workers
+
+    def done(self, role: int, workers: int) -> int:
+        """Batches worker ``role`` of ``workers`` had delivered in the interrupted epoch."""
+        return len(range(role, self.offset, workers))
 
 
 class EpochOfBatches(wds.PipelineStage):
@@ -142,13 +187,14 @@ class EpochOfBatches(wds.PipelineStage):
         count = self.per_worker
         if self.resume is not None:
             _, _, worker, workers = wds.utils.pytorch_worker_info()
-            count -= self.resume.done(worker, workers)
+            count -= self.resume.done(self.resume.role(worker, workers), workers)
             self.resume = None
         yield from itertools.islice(src, count)
 
 
 class RepeatShards(wds.PipelineStage):
-    """Stage after split_by_node/split_by_worker: passes over this rank's and worker's shards, forever.
+    """Stage after split_by_node: passes over this worker's share of the rank's shards (every workers-th, as
+    WebDataset's split_by_worker deals them), forever.
 
     Each pass visits the subset in a fresh order and sends its samples through a shuffle buffer that is
     emptied before the next pass starts, so a pass yields every sample of the subset exactly once. Seeds
@@ -175,19 +221,24 @@ class RepeatShards(wds.PipelineStage):
                                "shards. Set RANK and WORLD_SIZE, or use the 'fork' DataLoader start method.")
         if self.num_shards < world_size * workers:
             raise ConfigError(self.field, self.value, _too_few_shards(self.num_shards, world_size, workers))
-        skip = 0
-        if self.resume is not None:  # the samples this worker had delivered in the interrupted pass
-            skip, self.resume = self.resume.done(worker, workers) * self.batch_size, None
+        role, skip = worker, 0
+        if self.resume is not None:  # the rest of the interrupted pass of the worker whose part this one plays
+            role = self.resume.role(worker, workers)
+            skip, self.resume = self.resume.done(role, workers) * self.batch_size, None
+        shards = shards[role::workers]
         while True:
             order = list(shards)
-            random.Random(wds.utils.make_seed(self.seed, rank, worker, self.passes)).shuffle(order)
-            seed = wds.utils.make_seed(self.seed, rank, worker, self.passes, 1)  # trailing 1: not the shard seed
+            random.Random(wds.utils.make_seed(self.seed, rank, role, self.passes)).shuffle(order)
+            seed = wds.utils.make_seed(self.seed, rank, role, self.passes, 1)  # trailing 1: not the shard seed
             self.passes += 1
             samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter(order))
             count = 0
             for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples):
                 count += 1
                 if count > skip:  # raw bytes: skipping costs reading, not decoding
+                    # (worker, pass, place in it): a posterior draw is seeded by them, so a resumed stream draws
+                    # what the uninterrupted one drew
+                    sample["__pass__"] = (role, self.passes - 1, count)
                     yield sample
             skip = 0
             if count == 0:
@@ -244,6 +295,7 @@ class LatentDataModule(pl.LightningDataModule):
         self.train_urls = resolve_shards(train_shards, Path(self.root), "train", "data.train_shards")
         self.val_urls = resolve_shards(val_shards, Path(self.root), "val", "data.val_shards")
         self._normalizer = LatentNormalizer.from_dict(self._meta["normalizer"])
+        self.latent_format = latent_format(self._meta)
         self.shard_samples = self._train_shard_samples()
         self.num_train_samples = sum(self.shard_samples)
         self._steps_per_epoch = steps_per_epoch
@@ -342,12 +394,17 @@ class LatentDataModule(pl.LightningDataModule):
             self.check_model(module.latent_shape, module.num_classes)
 
     # ---- pipelines ----------------------------------------------------------------------------------
-    def _decode_stages(self, with_keys: bool) -> list:
-        return [
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys,
-                            header=npy_header(self.latent_shape)), handler=wds.warn_and_continue),
-        ]
+    def _decode_stages(self, with_keys: bool, training: bool = False) -> list:
+        """Raw tar samples -> (x, y) or (key, x, y). Posterior shards: a draw per read (``PosteriorDraws``),
+        seeded per pass in training (the samples come from RepeatShards), per key otherwise."""
+        posterior = self.latent_format == "posterior"
+        decode = wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys or (posterior and not training),
+                                 header=npy_header(self.latent_shape), posterior=posterior), handler=wds.warn_and_continue)
+        stages = [] if training else [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+        stages.append(decode)
+        if posterior:
+            stages.append(PosteriorDraws(self.seed, keep_keys=with_keys))
+        return stages
 
     def state_dict(self) -> dict:
         """The stream's position, saved in checkpoints: per-device batches consumed so far (one per optimiser step
@@ -369,18 +426,17 @@ class LatentDataModule(pl.LightningDataModule):
 
     def train_samples(self, with_keys: bool = False, resume: Optional[ResumePoint] = None) -> wds.DataPipeline:
         """Infinite shuffled stream of (x (c, h, w) float32, y () long), or (key, x, y) with ``with_keys``,
-        for the rank and worker WebDataset sees (RANK/WORLD_SIZE or torch.distributed; DataLoader worker)."""
+        for the rank and worker WebDataset sees (RANK/WORLD_SIZE or torch.distributed; DataLoader worker).
+        Posterior shards: x is a fresh draw from the sample's stored posterior at every read."""
         field, value = ("data.root", self.root) if self.train_shards_spec is None \
             else ("data.train_shards", self.train_shards_spec)
-        _, to_tensors = self._decode_stages(with_keys)
         return wds.DataPipeline(
             wds.SimpleShardList(self.train_urls),  # no shuffle here: all ranks must split the same list
-            wds.split_by_node,
-            wds.split_by_worker,
+            wds.split_by_node,  # the worker split is RepeatShards' (a resumed worker may play another's part)
             # reads the tars and shuffles raw bytes within each pass; decode only what leaves the buffer
             RepeatShards(len(self.train_urls), self.seed, field, value, self.shuffle_buffer, self._expected_node,
                          resume, self.per_device_batch_size),
-            to_tensors,
+            *self._decode_stages(with_keys, training=True),
         )
 
     def train_dataset(self) -> wds.DataPipeline:

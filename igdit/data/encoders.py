@@ -1,8 +1,10 @@
 """Latent encoders and the one latent normaliser.
 
 An encoder maps images in [-1, 1] to latents and back: ``identity`` is pixel space; ``sd-vae-ft-ema`` and
-``sd-vae-ft-mse`` are Stable Diffusion's KL-VAEs (4x32x32 latents for 256x256 images) and
-``diffusers:<folder or hub name>`` any other diffusers ``AutoencoderKL``. The normaliser maps encoder
+``sd-vae-ft-mse`` are Stable Diffusion's KL-VAEs (4x32x32 latents for 256x256 images),
+``diffusers:<folder or hub name>`` any other diffusers ``AutoencoderKL``, ``vavae-f16d32[:<checkpoint>]``
+LightningDiT's VA-VAE (32x16x16) and ``ldm-vae:<checkpoint>`` any LDM-format KL autoencoder, both converted to a
+diffusers ``AutoencoderKL`` on load (``igdit.data.ldm_vae``). The normaliser maps encoder
 latents to the network's scale and back. Its statistics are stored in the shards' meta.json and travel
 into checkpoints, and the same object is used when writing shards and when decoding samples, so encode
 and decode cannot disagree on the scaling (the classic 0.18215-versus-per-channel-statistics bug).
@@ -52,6 +54,11 @@ class LatentEncoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) images in [-1, 1] -> the posterior's (mean, std), each (N, c, h, w) (stochastic encoders)."""
+        raise ConfigError("latent", "posterior", f"the {self.name} encoder has no posterior to store; "
+                                                 "posterior latents need a VAE encoder")
+
     def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int]:
         """(C, H, W) of an image -> (c, h, w) of its latent."""
         raise NotImplementedError
@@ -88,7 +95,7 @@ class IdentityEncoder(LatentEncoder):
         return {"name": self.name, "space": "pixel", "downsampling": 1}
 
 
-LATENT_MODES = ("sample", "mean")
+LATENT_MODES = ("sample", "mean", "posterior")
 DIFFUSERS_PREFIX = "diffusers:"
 # Named VAEs: encoder name -> Hugging Face hub id (read from the local HF cache or --vae-path, never downloaded).
 HUB_VAES = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
@@ -141,9 +148,11 @@ class DiffusersVAE(LatentEncoder):
 
     name: ``sd-vae-ft-ema`` / ``sd-vae-ft-mse`` (hub ids in ``HUB_VAES``) or ``diffusers:<folder or hub id>``.
     path: a local folder with the weights (``save_pretrained`` layout), tried before the Hugging Face cache.
-    latent: ``sample`` (default) stores one posterior sample z = mean + std * eps, eps seeded per image —
-        the latents SiT's training saw (its train.py encodes with ``latent_dist.sample()``; fast-DiT stores
-        such a sample), reproducible and identical in a resumed build; ``mean`` stores the posterior mean.
+    latent: ``sample`` (default) stores one posterior sample z = mean + std * eps, eps seeded per image
+        (LightningDiT's extract_features.py stores such a sample; fast-DiT too), reproducible and identical in a
+        resumed build; ``mean`` stores the posterior mean; ``posterior`` stores the posterior's mean and std so
+        that training draws a fresh latent each time it reads the sample (SiT+IG's train.py, from edm2's
+        preprocessing); ``encode`` then returns a seeded draw (the normaliser's statistics are those of draws).
     device: where encode runs (decode runs on the latents' device).
     """
 
@@ -158,9 +167,14 @@ class DiffusersVAE(LatentEncoder):
                 name = DIFFUSERS_PREFIX + folder  # an absolute path: meta.json rebuilds it from any folder
             else:
                 hub_id = target
-        self.name, self.latent = name, latent
-        self.vae, self.loaded_from = _load_autoencoder(name, folder, hub_id)
+        vae, loaded_from = _load_autoencoder(name, folder, hub_id)
         self.path, self.hub_id = folder, hub_id
+        self._attach(name, vae, loaded_from, latent, device)
+
+    def _attach(self, name: str, vae, loaded_from: str, latent: str, device: Optional[str]) -> None:
+        """Hold a loaded AutoencoderKL: its latent channels and downsampling factor come from its config."""
+        self.name, self.latent = name, latent
+        self.vae, self.loaded_from = vae, loaded_from
         self.device = torch.device(device or "cpu")
         config = self.vae.config
         self.factor = 2 ** (len(config.block_out_channels) - 1)
@@ -185,6 +199,12 @@ class DiffusersVAE(LatentEncoder):
             eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                                for s in seeds])
         return dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+
+    @torch.no_grad()
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) in [-1, 1] -> (mean, std) of the diagonal Gaussian posterior, each (N, c, H/f, W/f)."""
+        dist = self._on(self.device).encode(images.to(self.device, torch.float32)).latent_dist
+        return dist.mean, dist.std
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 32) -> torch.Tensor:
@@ -221,8 +241,9 @@ class DiffusersVAE(LatentEncoder):
             "path": self.path,
             "loaded_from": self.loaded_from,
             "latent": self.latent,
-            "latent_rule": "z = mean + std * eps, eps ~ N(0, I) seeded per image" if self.latent == "sample"
-                           else "z = posterior mean",
+            "latent_rule": {"sample": "z = mean + std * eps, eps ~ N(0, I) seeded per image",
+                            "mean": "z = posterior mean",
+                            "posterior": "mean and std stored; z = mean + std * eps drawn at every read"}[self.latent],
             "downsampling": self.factor,
             "latent_channels": self.channels,
             "scaling_factor": float(config.scaling_factor),
@@ -232,16 +253,136 @@ class DiffusersVAE(LatentEncoder):
         }
 
 
+# VA-VAE f16d32 (LightningDiT's tokenizer): its LDM checkpoint and latent statistics on the Hugging Face hub,
+# read from the local cache only (or a path), never downloaded.
+VAVAE_HUB = {"repo": "hustvl/vavae-imagenet256-f16d32-dinov2", "weights": "vavae-imagenet256-f16d32-dinov2.pt",
+             "stats": "latents_stats.pt"}
+_LDM_LOADED: dict[str, tuple[object, dict, list]] = {}  # resolved path -> (AutoencoderKL, config, left-out keys)
+
+
+class LDMVAE(DiffusersVAE):
+    """An LDM-format KL autoencoder checkpoint run as a diffusers ``AutoencoderKL`` (``igdit.data.ldm_vae``).
+
+    name ``ldm-vae``; path: the LDM checkpoint (``.pt``/``.ckpt`` with a ``state_dict``, a bare state dict or
+    ``.safetensors``), or a folder written by ``AutoencoderKL.save_pretrained`` of a converted one.
+    Its architecture (widths, levels, attention placement, latent channels) is read off the checkpoint.
+    """
+
+    name = "ldm-vae"
+    expected: Optional[tuple[int, int]] = None  # (latent channels, downsampling) the name promises
+
+    def __init__(self, path: Optional[str] = None, latent: str = "sample", device: Optional[str] = None):
+        check_choice("latent", latent, LATENT_MODES)
+        label = self.name + (f":{path}" if path else "")
+        where = self._weights(path)
+        self.left_out: list[str] = []
+        if Path(where).is_dir():
+            vae, loaded_from = _load_autoencoder(self.name, where, None)
+        else:
+            from igdit.data.ldm_vae import ldm_autoencoder
+
+            if where not in _LDM_LOADED:
+                _LDM_LOADED[where] = ldm_autoencoder(where, field="encoder")
+            vae, _, self.left_out = _LDM_LOADED[where]
+            loaded_from = where
+        self.path, self.hub_id = where, None
+        self._attach(self.name, vae, loaded_from, latent, device)
+        if self.expected is not None and (self.channels, self.factor) != self.expected:
+            raise ConfigError("encoder", label, f"holds a VAE with {self.channels} latent channels and downsampling "
+                              f"{self.factor}; {self.name} has {self.expected[0]} and {self.expected[1]} "
+                              "(ldm-vae:<file> takes any LDM autoencoder)")
+
+    def _weights(self, path: Optional[str]) -> str:
+        """The weights' absolute path; a one-line ConfigError naming where it looked when there are none."""
+        if path is None:
+            raise ConfigError("encoder", self.name, "needs its weights: pass ldm-vae:<checkpoint or folder>")
+        where = Path(path).expanduser().resolve()
+        if not where.exists():
+            raise ConfigError("encoder", f"{self.name}:{path}", f"no such file or folder ({where})")
+        return str(where)
+
+    def describe(self) -> dict:
+        return super().describe() | {"format": "ldm", "converted_with": "diffusers convert_ldm_vae_checkpoint "
+                                     "(+ in-level attention renamed by its update_vae_attentions_ldm_to_diffusers)",
+                                     "left_out_keys": len(self.left_out)}
+
+
+class VAVAE(LDMVAE):
+    """VA-VAE f16d32 (LightningDiT's tokenizer, 32 x 16 x 16 latents at 256 px), from its LDM checkpoint.
+
+    path: the checkpoint (default: ``vavae-imagenet256-f16d32-dinov2.pt`` of ``hustvl/vavae-imagenet256-
+    f16d32-dinov2`` in the local Hugging Face cache; nothing is downloaded). Its own normaliser is the
+    ``latents_stats.pt`` of that hub repository (per-channel mean and std, LightningDiT's ``latent_norm`` with
+    ``latent_multiplier`` 1.0); pass another statistics file with ``load_latent_stats``.
+    """
+
+    name = "vavae-f16d32"
+    expected = (32, 16)
+
+    def _weights(self, path: Optional[str]) -> str:
+        if path is not None:
+            return super()._weights(path)
+        from igdit.data.ldm_vae import hub_file
+
+        found = hub_file(VAVAE_HUB["repo"], VAVAE_HUB["weights"])
+        if found is None:
+            raise ConfigError("encoder", self.name, f"no weights: looked for {VAVAE_HUB['weights']} of "
+                              f"{VAVAE_HUB['repo']} in the Hugging Face cache {hf_cache_dir()}; pass "
+                              f"{self.name}:<checkpoint> (download it once with `huggingface-cli download "
+                              f"{VAVAE_HUB['repo']} {VAVAE_HUB['weights']}`)")
+        return str(Path(found).resolve())
+
+    def normalizer(self, channels: int) -> "LatentNormalizer":
+        """VA-VAE's published normaliser: its hub repository's latents_stats.pt (from the local cache)."""
+        from igdit.data.ldm_vae import hub_file
+
+        found = hub_file(VAVAE_HUB["repo"], VAVAE_HUB["stats"])
+        if found is None:
+            raise ConfigError("normalizer", "encoder", f"VA-VAE's latents are normalised with per-channel statistics: "
+                              f"looked for {VAVAE_HUB['stats']} of {VAVAE_HUB['repo']} in the Hugging Face cache "
+                              f"{hf_cache_dir()}; download it, or use --normalizer channel-stats (the official "
+                              "recipe's own: mean and std of 10,000 training latents)")
+        return load_latent_stats(found, field="normalizer")
+
+
+def load_latent_stats(path: str, multiplier: float = 1.0, field: str = "--latent-stats") -> "LatentNormalizer":
+    """LightningDiT's ``latents_stats.pt`` ({"mean", "std"}, each (1, c, 1, 1) or (c,)) as the normaliser
+    x = (z - mean) / std * multiplier (``ImgLatentDataset``; inference decodes z = x std / multiplier + mean)."""
+    import pickle
+
+    where = Path(path).expanduser()
+    if not where.is_file():
+        raise ConfigError(field, str(path), f"no such file ({where.resolve()})")
+    try:
+        stats = torch.load(where, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ConfigError(field, str(path), f"could not be read with torch.load(weights_only=True): {first}") from None
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), torch.Tensor) for k in ("mean", "std")):
+        raise ConfigError(field, str(path), "expected a dict with 'mean' and 'std' tensors (LightningDiT's "
+                                            "latents_stats.pt)")
+    mean, std = stats["mean"].double().flatten(), stats["std"].double().flatten()
+    if mean.shape != std.shape:
+        raise ConfigError(field, str(path), f"mean has {mean.numel()} values and std {std.numel()}")
+    if not torch.all(std > 0):
+        raise ConfigError(field, str(path), "std must be positive in every channel")
+    return LatentNormalizer(mean.tolist(), (float(multiplier) / std).tolist())
+
+
 ENCODERS: dict[str, Callable[..., LatentEncoder]] = {
     "identity": IdentityEncoder,
     **{name: partial(DiffusersVAE, name) for name in HUB_VAES},
+    VAVAE.name: VAVAE,
+    LDMVAE.name: LDMVAE,
 }
+PATH_ENCODERS = (VAVAE.name, LDMVAE.name)  # written <name>:<path> as well as with a separate path option
 ENCODER_OPTIONS = ("path", "latent", "device")  # what a description or the command line may pass to a VAE
 
 
 def build_encoder(spec, **options) -> LatentEncoder:
-    """The encoder named by ``spec``: a name (``identity``, ``sd-vae-ft-ema``, ``diffusers:<folder or hub id>``)
-    or a meta.json description (``encoder.describe()``), which rebuilds the same encoder for decoding.
+    """The encoder named by ``spec``: a name (``identity``, ``sd-vae-ft-ema``, ``diffusers:<folder or hub id>``,
+    ``vavae-f16d32[:<checkpoint>]``, ``ldm-vae:<checkpoint>``) or a meta.json description
+    (``encoder.describe()``), which rebuilds the same encoder for decoding.
 
     options (VAEs only): path (local weights folder), latent (``sample`` or ``mean``), device.
     ConfigError on field ``encoder`` for an unknown name or weights that cannot be loaded.
@@ -252,7 +393,13 @@ def build_encoder(spec, **options) -> LatentEncoder:
     options = {k: v for k, v in options.items() if v is not None}
     if isinstance(spec, str) and spec.startswith(DIFFUSERS_PREFIX) and len(spec) > len(DIFFUSERS_PREFIX):
         return DiffusersVAE(spec, **options)
-    allowed = list(ENCODERS) + [DIFFUSERS_PREFIX + "<folder or hub id>"]
+    if isinstance(spec, str) and ":" in spec and spec.split(":", 1)[0] in PATH_ENCODERS:
+        spec, path = spec.split(":", 1)
+        if options.get("path") not in (None, path):
+            raise ConfigError("vae_path", options["path"], f"contradicts the path in {spec}:{path}; give one of them")
+        options["path"] = path
+    allowed = [n for n in ENCODERS if n not in PATH_ENCODERS] + [DIFFUSERS_PREFIX + "<folder or hub id>",
+                                                                 f"{VAVAE.name}[:<checkpoint>]", f"{LDMVAE.name}:<checkpoint>"]
     if spec not in ENCODERS:
         raise ConfigError("encoder", spec, "choose one of " + ", ".join(repr(c) for c in allowed))
     if spec == "identity":

@@ -9,8 +9,15 @@ Layout of a built folder:
     <out_dir>/meta.json                             written last: its presence means the build finished
 
 Each sample: ``__key__`` = the image's row in the source listing as 8 digits (``-flip`` appended for a
-horizontally flipped copy; unique across train and val), ``latent.npy`` = (c, h, w) float16 normalised
-latent, ``cls`` = integer label.
+horizontally flipped copy; unique across train and val), ``cls`` = integer label, and the latent in one of two
+formats (meta.json ``latent_format``):
+
+  * ``sample`` (the identity encoder, ``--latent sample`` or ``mean``, and every build before the key existed):
+    ``latent.npy`` = (c, h, w) float16 normalised latent, one fixed draw of the VAE posterior (or its mean);
+  * ``posterior`` (``--latent posterior``, VAEs only): ``mean.npy`` and ``std.npy`` = (c, h, w) float16, the VAE
+    posterior's mean and std carried through the normaliser (mean' = (mean - shift) scale, std' = std |scale|),
+    so that x = mean' + std' eps is a normalised posterior draw; the DataModule draws a fresh eps every time it
+    reads the sample (SiT+IG's training draws from stored moments at every step).
 
 The plan is deterministic: the train/val split (stratified, seeded) and the cut of each split into
 shards of ``samples_per_shard`` follow from the arguments and the source listing alone. So the build can
@@ -57,11 +64,21 @@ def _igdit_version() -> str:
         return "unknown"
 
 
-def bytes_per_sample(latent_shape: Sequence[int]) -> int:
-    """Bytes one sample takes in a shard: a tar header and padded data for latent.npy (float16, 128-byte npy
-    header) and for cls. (4, 32, 32) -> 10,240 bytes, so 1 GiB holds ~105k SD-VAE latents."""
+LATENT_FORMATS = ("sample", "posterior")
+
+
+def latent_format(meta: dict) -> str:
+    """The shards' latent format: ``posterior`` (mean.npy + std.npy) or ``sample`` (latent.npy; builds that
+    predate the key)."""
+    return meta.get("latent_format", "sample")
+
+
+def bytes_per_sample(latent_shape: Sequence[int], arrays: int = 1) -> int:
+    """Bytes one sample takes in a shard: a tar header and padded data for each of ``arrays`` float16 arrays
+    (128-byte npy header; 1 = latent.npy, 2 = mean.npy and std.npy) and for cls. (4, 32, 32) -> 10,240 bytes,
+    so 1 GiB holds ~105k SD-VAE latents (half as many posteriors)."""
     data = 128 + 2 * math.prod(int(v) for v in latent_shape)
-    return TAR_BLOCK + math.ceil(data / TAR_BLOCK) * TAR_BLOCK + 2 * TAR_BLOCK
+    return arrays * (TAR_BLOCK + math.ceil(data / TAR_BLOCK) * TAR_BLOCK) + 2 * TAR_BLOCK
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -171,6 +188,16 @@ class _Encoder:
             out.append(self.encoder.encode(x, seeds=seeds[start:start + self.batch]).float().cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) uint8 -> the posterior's (mean, std), each (N, c, h, w) float32 on the CPU."""
+        means, stds = [], []
+        for start in range(0, images.shape[0], self.batch):
+            mean, std = self.encoder.posterior(_to_unit(images[start:start + self.batch], self.side))
+            means.append(mean.float().cpu())
+            stds.append(std.float().cpu())
+        return torch.cat(means), torch.cat(stds)
+
 
 def _sample_seed(seed: int, row: int, flipped: bool) -> int:
     """The posterior-sample seed of one sample: depends on the build seed, the image and the flip only."""
@@ -200,7 +227,7 @@ def _image_shape(source: ImageSource, side: Optional[int]) -> tuple[int, int, in
 
 
 def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encoder, normalizer: LatentNormalizer,
-                 flip: bool, seed: int, source: ImageSource, mtime: int) -> dict:
+                 flip: bool, seed: int, source: ImageSource, mtime: int, posterior: bool = False) -> dict:
     """Encode and write one shard as <name>.tar.tmp, record it in .build/, then rename it to <name>.tar.
 
     Every member gets the build's integer ``mtime``: shards are then the same bytes whichever rank or run
@@ -218,13 +245,21 @@ def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encode
     tmp = out / (name + ".tmp")
     with wds.TarWriter(str(tmp), mtime=mtime) as sink:
         if samples:
-            latents = normalizer.normalize(encode(torch.stack([s[1] for s in samples]), [s[3] for s in samples]))
-            on_disk = latents.to(torch.float16)
-            if not torch.isfinite(on_disk).all():
-                raise ValueError(f"{name}: normalised latents overflow float16; check the normaliser's scale")
-            arrays = on_disk.numpy()
-            for (key, _, row, _), array in zip(samples, arrays):
-                sink.write({"__key__": key, "latent.npy": array, "cls": int(source.labels[row])})
+            images = torch.stack([s[1] for s in samples])
+            if posterior:  # the moments through the normaliser: x = mean' + std' eps is a normalised draw
+                mean, std = encode.posterior(images)
+                scale = torch.tensor(normalizer.scale, dtype=std.dtype).abs().view(1, -1, 1, 1)
+                members = {"mean.npy": normalizer.normalize(mean), "std.npy": std * scale}
+            else:
+                members = {"latent.npy": normalizer.normalize(encode(images, [s[3] for s in samples]))}
+            arrays = {}
+            for member, values in members.items():
+                on_disk = values.to(torch.float16)
+                if not torch.isfinite(on_disk).all():
+                    raise ValueError(f"{name}: normalised {member[:-4]} overflows float16; check the normaliser's scale")
+                arrays[member] = on_disk.numpy()
+            for i, (key, _, row, _) in enumerate(samples):
+                sink.write({"__key__": key, **{m: a[i] for m, a in arrays.items()}, "cls": int(source.labels[row])})
     record = {"shard": name, "samples": len(samples), "images": len(good), "skipped": skipped}
     _write_json(out / BUILD_DIR / (name[:-4] + ".json"), record)
     os.replace(tmp, out / name)  # the shard exists under its name only once it is complete
@@ -244,12 +279,12 @@ def _check_device(device: str) -> None:
         raise ConfigError("device", device, allowed)
 
 
-def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip) -> int:
+def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, arrays: int = 1) -> int:
     if samples_per_shard is not None and shard_size_mb is not None:
         raise ConfigError("shard_size_mb", shard_size_mb, "give --samples-per-shard or --shard-size-mb, not both")
     if shard_size_mb is not None:
         check_number("shard_size_mb", shard_size_mb, low=0, low_inclusive=False)
-        samples_per_shard = max(1, int(shard_size_mb * 2**20 // bytes_per_sample(latent_shape)))
+        samples_per_shard = max(1, int(shard_size_mb * 2**20 // bytes_per_sample(latent_shape, arrays)))
         samples_per_shard = max(2, samples_per_shard - samples_per_shard % 2) if flip else samples_per_shard
     samples_per_shard = DEFAULT_SAMPLES_PER_SHARD if samples_per_shard is None else samples_per_shard
     check_number("samples_per_shard", samples_per_shard, low=1, integer=True)
@@ -269,7 +304,8 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
 
     source: ``digits``, ``imagefolder:<dir>`` (or an ImageSource object); encoder: ``identity``,
     ``sd-vae-ft-ema``, ``sd-vae-ft-mse`` or ``diffusers:<folder or hub id>`` (weights from ``vae_path`` or the
-    Hugging Face cache; ``latent`` = ``sample`` or ``mean`` of the posterior).
+    Hugging Face cache; ``latent`` = ``sample`` or ``mean`` of the posterior, or ``posterior``: its mean and
+    std, drawn from at every read (module docstring)).
     resolution: imagefolder: the ADM centre-crop size (required); array sources: upsample to
         resolution x resolution (bilinear) before encoding, None keeps them.
     samples_per_shard / shard_size_mb: shard size as a count (default 100) or in MiB (one of the two).
@@ -311,7 +347,8 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     side = resolution if isinstance(data, ArraySource) else None
     image_shape = list(_image_shape(data, side))
     latent_shape = list(enc.latent_shape(image_shape))
-    per_shard = _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip)
+    posterior = getattr(enc, "latent", None) == "posterior"
+    per_shard = _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, 2 if posterior else 1)
     num_classes = len(data.class_names)
     train_rows, val_rows = _split(data.labels, num_classes, val_fraction, seed)
     rows = {"train": train_rows, "val": val_rows}
@@ -362,7 +399,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
             for split, index in mine:
                 items = [next(stream) for _ in shard_rows[(split, index)]]
                 _write_shard(out, split, index, items, encode, norm, flip and split == "train", seed, data,
-                             plan["mtime"])
+                             plan["mtime"], posterior)
                 bar.update(len(items))
         stream.close()  # shuts the reader's worker processes down
         group.barrier()  # every shard is closed
@@ -399,6 +436,8 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                 "flip": bool(flip),
                 "skipped_images": {"count": len(skipped), "first": skipped[:100]},
                 "dtype": "float16",
+                "latent_format": "posterior" if posterior else "sample",
+                "members": ["mean.npy", "std.npy", "cls"] if posterior else ["latent.npy", "cls"],
                 "keys": "row of the image in the source listing, 8 digits; '-flip' marks a mirrored copy",
                 "split": "stratified by class (sklearn train_test_split)",
                 "val_fraction": float(val_fraction),

@@ -7,7 +7,7 @@ DATA   ?= data/digits
 SOURCE ?= digits
 ARGS   ?=
 SWEEP  ?= sweeps/ig_guidance.yaml
-STUDY  ?= experiments/reproduce.yaml
+STUDY  ?= experiments/studies/reproduce.yaml
 QUICK  ?=
 DATA_ARGS ?=
 

@@ -79,8 +79,8 @@ def test_a_study_file_is_checked_when_it_loads(tmp_path, digits_root, monkeypatc
         with pytest.raises(ConfigError, match=f"^{re.escape(field)}"):
             StudySpec.load(str(_study(tmp_path, digits_root, **change)), quick="quick" in change)
     monkeypatch.chdir(REPO)  # the shipped study names its base relative to the repository, where make runs
-    spec = StudySpec.load("experiments/reproduce.yaml")
+    spec = StudySpec.load("experiments/studies/reproduce.yaml")
     assert list(spec.arms).index("st_teacher") < list(spec.arms).index("st")  # a teacher trains before its student
     assert spec.arm_steps("st_teacher") == spec.steps // 2 and len(spec.seeds) >= 3
-    quick = StudySpec.load("experiments/reproduce.yaml", quick=True)
+    quick = StudySpec.load("experiments/studies/reproduce.yaml", quick=True)
     assert "st_teacher" in quick.arms and len(quick.seeds) == 1

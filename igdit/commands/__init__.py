@@ -18,7 +18,7 @@ COMMANDS = {
     "eval": ("eval", "Fréchet distance of a checkpoint (--ckpt, --experiment) or a sample file (--npz, --ref)"),
     "sweep": ("sweep", "run or continue an Optuna study: igdit sweep sweeps/ig_guidance.yaml"),
     "import-ckpt": ("import_ckpt", "import an official SiT+IG checkpoint: igdit import-ckpt --from official-sit ..."),
-    "reproduce": ("reproduce", "the papers' claims at small scale: igdit reproduce experiments/reproduce.yaml [--quick]"),
+    "reproduce": ("reproduce", "the papers' claims at small scale: igdit reproduce experiments/studies/reproduce.yaml [--quick]"),
 }
 
 

@@ -11,7 +11,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from igdit.config import config_parser
 from igdit.data.encoders import ENCODERS, LATENT_MODES, hf_cache_dir
-from igdit.data.shards import DEFAULT_SAMPLES_PER_SHARD, META_FILE, NORMALIZERS, build_dataset
+from igdit.data.shards import DEFAULT_SAMPLES_PER_SHARD, META_FILE, NORMALIZERS, build_dataset, load_meta, verify_shards
 from igdit.data.sources import SOURCES
 
 
@@ -65,6 +65,10 @@ def _parser():
     build.add_argument("--device", type=Optional[str], default=None, help="encoder device (default cuda:LOCAL_RANK if available, else cpu)")
     build.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     commands.add_subcommand("build", build, help="encode a source into train/val WebDataset shards plus meta.json")
+    verify = config_parser(description="Check a built folder: every shard meta.json lists is there and holds the "
+                                       "bytes the build wrote (sha256).")
+    verify.add_argument("root", type=str, help="the built folder, e.g. data/digits")
+    commands.add_subcommand("verify", verify, help="check every shard against the checksums in meta.json")
     return parser
 
 
@@ -95,6 +99,14 @@ def _summary(meta: dict, out_dir: str, seconds: float) -> str:
 def main(argv: list[str]) -> int:
     """Run `igdit data ...`; returns the exit code (bad values raise ConfigError: the dispatcher prints one line)."""
     args = _parser().parse_args(argv)
+    if args.command == "verify":
+        problems = verify_shards(args.verify.root)
+        for problem in problems:
+            print(f"{args.verify.root}/{problem}")
+        meta = load_meta(args.verify.root)
+        total = sum(meta["num_shards"].values())
+        print(f"{'FAILED' if problems else 'ok'}: {total - len(problems)} of {total} shards as built")
+        return 1 if problems else 0
     if args.command == "build":
         a = args.build
         start = time.perf_counter()

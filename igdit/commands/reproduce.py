@@ -1,7 +1,7 @@
 """`igdit reproduce`: the papers' claims at small scale, claim by claim (igdit/study/).
 
-    igdit reproduce experiments/reproduce.yaml            # the full study (3 seeds per arm)
-    igdit reproduce experiments/reproduce.yaml --quick    # a first look: fewer arms, one seed, shorter runs
+    igdit reproduce experiments/studies/reproduce.yaml            # the full study (3 seeds per arm)
+    igdit reproduce experiments/studies/reproduce.yaml --quick    # a first look: fewer arms, one seed, shorter runs
 
 Writes REPRODUCTION.md and plots into the study's results folder and into one MLflow parent run with a child per
 training run. Run the same command again after an interruption: finished runs are read back, not redone.
@@ -18,7 +18,7 @@ from igdit.study.spec import StudySpec
 def build_parser():
     parser = config_parser(prog="igdit reproduce", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
-    parser.add_argument("study", type=str, help="study definition, e.g. experiments/reproduce.yaml")
+    parser.add_argument("study", type=str, help="study definition, e.g. experiments/studies/reproduce.yaml")
     parser.add_argument("--quick", action="store_true", help="the study's quick variant")
     return parser
 

@@ -27,6 +27,7 @@ written to ``<name>.tar.tmp`` and renamed when it is complete, so a ``.tar`` is 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -71,6 +72,35 @@ def latent_format(meta: dict) -> str:
     """The shards' latent format: ``posterior`` (mean.npy + std.npy) or ``sample`` (latent.npy; builds that
     predate the key)."""
     return meta.get("latent_format", "sample")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (a shard's checksum, recorded in meta.json; `igdit data verify` recomputes it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_shards(root: str | Path) -> list[str]:
+    """Problems with a built folder's shards against its meta.json: missing files and checksums that differ.
+    An empty list: every shard is there and holds the bytes the build wrote."""
+    root = Path(root)
+    meta = load_meta(root)
+    checksums = meta.get("shard_sha256")
+    if not checksums:
+        raise ConfigError("data.root", str(root), "holds a build without shard checksums (built before they were "
+                                                  "recorded); rebuild it to verify it")
+    problems = []
+    for split in SPLITS:
+        for index, expected in enumerate(checksums.get(split, [])):
+            path = root / _shard_name(split, index)
+            if not path.is_file():
+                problems.append(f"{path.name}: missing")
+            elif expected is not None and file_sha256(path) != expected:
+                problems.append(f"{path.name}: checksum differs from meta.json (the file changed after the build)")
+    return problems
 
 
 def bytes_per_sample(latent_shape: Sequence[int], arrays: int = 1) -> int:
@@ -260,7 +290,8 @@ def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encode
                 arrays[member] = on_disk.numpy()
             for i, (key, _, row, _) in enumerate(samples):
                 sink.write({"__key__": key, **{m: a[i] for m, a in arrays.items()}, "cls": int(source.labels[row])})
-    record = {"shard": name, "samples": len(samples), "images": len(good), "skipped": skipped}
+    record = {"shard": name, "samples": len(samples), "images": len(good), "skipped": skipped,
+              "sha256": file_sha256(tmp)}
     _write_json(out / BUILD_DIR / (name[:-4] + ".json"), record)
     os.replace(tmp, out / name)  # the shard exists under its name only once it is complete
     return record
@@ -432,6 +463,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                 "num_images": {s: sum(r["images"] for r in records[s]) for s in SPLITS},
                 "num_shards": num_shards,
                 "shard_samples": {s: [r["samples"] for r in records[s]] for s in SPLITS},
+                "shard_sha256": {s: [r.get("sha256") for r in records[s]] for s in SPLITS},
                 "samples_per_shard": per_shard,
                 "flip": bool(flip),
                 "skipped_images": {"count": len(skipped), "first": skipped[:100]},

@@ -58,11 +58,16 @@ def reference_dir(datamodule) -> Path:
 
 
 def data_fingerprint(datamodule, split: Optional[str] = None) -> str:
-    """A hash of the shards (names and meta.json, which records each shard's sample count) of one split or of
-    all; anything cached from the data is keyed by it, so a rebuilt data set never meets a stale cache."""
-    urls = {s: [Path(u).name for u in (datamodule.train_urls if s == "train" else datamodule.val_urls)]
-            for s in ((split,) if split else ("train", "val"))}
-    return hashlib.sha256(json.dumps({"urls": urls, "meta": datamodule.meta}, sort_keys=True).encode()).hexdigest()
+    """A hash of the shards of one split or of all: their names and sizes, and meta.json (each shard's sample count
+    and checksum); anything cached from the data is keyed by it, so a rebuilt, truncated or extended data set never
+    meets a stale cache. (A same-size rewrite is what `igdit data verify` finds: it compares the checksums.)"""
+    shards = {s: [(Path(u).name, _size(u)) for u in (datamodule.train_urls if s == "train" else datamodule.val_urls)]
+              for s in ((split,) if split else ("train", "val"))}
+    return hashlib.sha256(json.dumps({"shards": shards, "meta": datamodule.meta}, sort_keys=True).encode()).hexdigest()
+
+
+def _size(url: str) -> Optional[int]:
+    return Path(url).stat().st_size if Path(url).is_file() else None  # remote shards: their names only
 
 
 class FrechetEvaluator:

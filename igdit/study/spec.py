@@ -1,4 +1,4 @@
-"""The study file (``experiments/reproduce.yaml``): arms, seeds, budgets and the evaluation protocol.
+"""The study file (``experiments/studies/reproduce.yaml``): arms, seeds, budgets and the evaluation protocol.
 
 An arm is the base experiment with changes (``set``: dotted paths of the experiment YAML -> values). A value
 ``${checkpoint:<arm>}`` is the last checkpoint of that arm's run with the same seed (a Self-Transcendence teacher,
@@ -127,7 +127,7 @@ class StudySpec:
     @classmethod
     def load(cls, path: str, quick: bool = False) -> "StudySpec":
         if not Path(path).is_file():
-            raise ConfigError("study", path, "is not a file; pass a study definition such as experiments/reproduce.yaml")
+            raise ConfigError("study", path, "is not a file; pass a study definition such as experiments/studies/reproduce.yaml")
         raw = yaml.safe_load(Path(path).read_text())
         if not isinstance(raw, dict):
             raise ConfigError("study", path, "expected a mapping with name, base, arms, ...")

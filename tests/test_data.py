@@ -247,7 +247,7 @@ def test_too_few_shards_for_ranks_times_workers_says_how_many_are_needed(built, 
         next(iter(dm.train_samples()))
 
 
-def test_a_corrupt_sample_is_skipped_with_a_warning_not_silently(built, tmp_path):
+def test_a_corrupt_sample_is_skipped_with_a_warning_not_silently(built, tmp_path, caplog):
     bad = tmp_path / "bad-000000.tar"
     good = np.zeros((1, 8, 8), np.float16)
     with wds.TarWriter(str(bad)) as sink:
@@ -255,9 +255,11 @@ def test_a_corrupt_sample_is_skipped_with_a_warning_not_silently(built, tmp_path
         sink.write({"__key__": "00000002", "latent.npy": b"not an npy file", "cls": 2})
         sink.write({"__key__": "00000003", "latent.npy": good, "cls": 3})
     dm = LatentDataModule(str(built), val_shards=str(bad))
-    with pytest.warns(UserWarning, match="skipped sample 00000002 of .*bad-000000.tar"):
+    with caplog.at_level("WARNING"):
         batches = list(dm.val_dataset(with_keys=True))
     assert [k for keys, _, _ in batches for k in keys] == ["00000001", "00000003"]
+    assert any("skipped sample 00000002 of" in r.getMessage() and "bad-000000.tar" in r.getMessage()
+               for r in caplog.records) and dm.skips.skipped == 1
 
 
 def _numbered_source(n: int):

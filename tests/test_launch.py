@@ -65,7 +65,9 @@ def test_slurm_training_script_runs_one_task_per_gpu_with_nodes_and_devices_from
     line = _fake_slurm(tmp_path, "train.sbatch", ["experiments/sit_b2_ig.yaml", "--data.root", "/d"],
                        {"SLURM_NNODES": "3", "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "10"})
     assert line == ("srun --kill-on-bad-exit=1 .venv/bin/igdit fit --config experiments/sit_b2_ig.yaml "
-                    "--trainer.num_nodes 3 --trainer.devices 8 --trainer.strategy ddp --data.root /d")
+                    "--trainer.num_nodes 3 --trainer.devices 8 --trainer.strategy ddp --ckpt_path last --data.root /d")
+    # pre-emption: SLURM signals the job before its end, Lightning saves and requeues, the script resumes
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=SIGUSR1@" in text
 
 
 def test_slurm_data_script_starts_one_torchrun_per_node(tmp_path):

@@ -8,7 +8,6 @@ when it computes, so the result does not depend on the number of ranks.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torchmetrics.image.inception import InceptionScore
 
 from igdit.config import ConfigError
+from igdit.data.cache import data_fingerprint, reference_dir
 from igdit.data.encoders import decode_latents
 from igdit.generation import Sampling, class_labels, image_batches, rank_indices
 from igdit.guidance import Denoiser
@@ -26,7 +26,6 @@ from igdit.metrics.features import METRIC_NAMES, LastLogits, build_feature_net, 
 from igdit.metrics.fid import ReferenceStats, load_reference, new_frechet_metric, reference_from_metric
 
 REFERENCE_SPLITS = ("train", "val")
-REFERENCE_DIR = "fid_refs"
 
 
 def _dist() -> tuple[int, int]:
@@ -49,19 +48,6 @@ def real_image_batches(datamodule, split: str, batch_size: int, rank: int = 0, w
             yield to_uint8(decode_latents(latents, datamodule.meta))
         if limit is not None and seen >= limit:
             return
-
-
-def reference_dir(datamodule) -> Path:
-    """Where statistics (and the digits network) computed from a data folder are cached: <root>/fid_refs/."""
-    return Path(datamodule.root) / REFERENCE_DIR
-
-
-def data_fingerprint(datamodule, split: Optional[str] = None) -> str:
-    """A hash of the shards (names and meta.json, which records each shard's sample count) of one split or of
-    all; anything cached from the data is keyed by it, so a rebuilt data set never meets a stale cache."""
-    urls = {s: [Path(u).name for u in (datamodule.train_urls if s == "train" else datamodule.val_urls)]
-            for s in ((split,) if split else ("train", "val"))}
-    return hashlib.sha256(json.dumps({"urls": urls, "meta": datamodule.meta}, sort_keys=True).encode()).hexdigest()
 
 
 class FrechetEvaluator:

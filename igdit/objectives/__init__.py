@@ -1,7 +1,18 @@
-"""Training objectives: a weighted sum of loss terms (base.py), one file per term."""
-from igdit.objectives.base import Frozen, LossInputs, LossTerm, Objective, file_digest, per_sample_loss
-from igdit.objectives.diffusion import DiffusionLoss
-from igdit.objectives.exit import ExitLoss
+"""Training objectives: a weighted sum of loss terms (base.py), one file per term.
 
-__all__ = ["DiffusionLoss", "ExitLoss", "Frozen", "LossInputs", "LossTerm", "Objective", "file_digest",
-           "per_sample_loss"]
+IG's own terms: DiffusionLoss, ExitLoss. The baselines the IG and Self-Transcendence papers compare with:
+REPALoss (with a PatchEncoder: DINOv2Encoder, DigitsPatchEncoder), SRALoss, LayerSyncLoss, DispersiveLoss.
+"""
+from igdit.objectives.base import (Frozen, LossInputs, LossTerm, Objective, check_block, file_digest, mlp,
+                                   per_sample_loss)
+from igdit.objectives.diffusion import DiffusionLoss
+from igdit.objectives.dispersive import DispersiveLoss, dispersive_loss
+from igdit.objectives.encoders import DigitsPatchEncoder, DINOv2Encoder, PatchEncoder
+from igdit.objectives.exit import ExitLoss
+from igdit.objectives.layersync import LayerSyncLoss
+from igdit.objectives.repa import REPALoss
+from igdit.objectives.sra import SRALoss, TenfoldDecay
+
+__all__ = ["DiffusionLoss", "DigitsPatchEncoder", "DINOv2Encoder", "DispersiveLoss", "ExitLoss", "Frozen",
+           "LayerSyncLoss", "LossInputs", "LossTerm", "Objective", "PatchEncoder", "REPALoss", "SRALoss",
+           "TenfoldDecay", "check_block", "dispersive_loss", "file_digest", "mlp", "per_sample_loss"]

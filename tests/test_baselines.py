@@ -220,20 +220,18 @@ def test_dinov2_loads_a_local_file_resamples_its_grid_and_gives_normalised_patch
 
 @pytest.fixture()
 def empty_caches(tmp_path, monkeypatch):
-    """torch.hub and the Hugging Face hub cache pointed at empty folders."""
+    """torch.hub's and the Hugging Face hub's caches pointed at empty folders."""
     from huggingface_hub import constants
 
-    hub_dir = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "torch-hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torch.hub.get_dir() = $TORCH_HOME/hub
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
-    yield tmp_path
-    torch.hub.set_dir(hub_dir)
+    return tmp_path
 
 
 def test_dinov2_is_found_in_the_torch_hub_cache(empty_caches):
-    _save_tiny_dinov2(empty_caches / "torch-hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth", img_size=56)
+    _save_tiny_dinov2(empty_caches / "torch" / "hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth", img_size=56)
     encoder = DINOv2Encoder(model="vit_base_patch14_dinov2.lvd142m", resolution=56, model_args=TINY_VIT)
-    assert encoder.load("f").source.endswith("torch-hub/checkpoints/dinov2_vitb14_pretrain.pth")
+    assert encoder.load("f").source == str(empty_caches / "torch" / "hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth")
 
 
 def test_missing_dinov2_weights_are_a_one_line_error_naming_every_place_looked_in(empty_caches):
@@ -242,7 +240,7 @@ def test_missing_dinov2_weights_are_a_one_line_error_naming_every_place_looked_i
         encoder.load("model.terms.repa.encoder")
     message = one_line(err.value)
     assert "\n" not in message and message.startswith("model.terms.repa.encoder.init_args.weights")
-    assert str(empty_caches / "torch-hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth") in message
+    assert str(empty_caches / "torch" / "hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth") in message
     assert str(empty_caches / "hf-hub" / "models--timm--vit_base_patch14_dinov2.lvd142m") in message
     assert not list(empty_caches.rglob("*.pth")) and not list(empty_caches.rglob("*.safetensors"))  # no download
     with pytest.raises(ConfigError, match="looked in /nowhere/dinov2.pth"):

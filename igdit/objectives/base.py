@@ -9,8 +9,8 @@ asks the backbone for exactly those.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -26,7 +26,7 @@ from igdit.models.output import DiTOutput
 LossType = Literal["mse", "smooth_l1", "l1"]
 
 
-@dataclass
+@dataclasses.dataclass
 class LossInputs:
     """Everything a term may read for one training batch (t = 1 is noise).
 
@@ -35,7 +35,7 @@ class LossInputs:
     y_clean: (N,) labels before class dropout; output: the backbone's DiTOutput; step: global step;
     backbone, transport: the model being trained and its path (for terms that run it again, e.g. at another t).
     ema_backbone: the backbone with the EMA weights that Lightning's EMAWeightAveraging keeps (a teacher that
-        is never trained); None outside ``fit`` or without that callback.
+        is never trained); None without a trainer or without that callback.
     data_meta: the shards' meta.json (encoder and normaliser), from which ``images()`` decodes x.
     generator: the RNG of this batch's t and noise (validation fixes it); terms that draw more use it too.
     """
@@ -54,7 +54,7 @@ class LossInputs:
     ema_backbone: Any = None
     data_meta: Optional[dict] = None
     generator: Optional[torch.Generator] = None
-    _images: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    _images: Optional[torch.Tensor] = dataclasses.field(default=None, init=False, repr=False)
 
     def images(self) -> torch.Tensor:
         """(N, C, H, W) clean images in [-1, 1]: x decoded once per batch with the shards' own normaliser and

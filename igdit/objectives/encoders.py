@@ -136,12 +136,12 @@ class DINOv2Encoder(PatchEncoder):
         found = next((p for p in places if p.is_file()), None)
         if found is None:
             url, hub_id = self.pretrained_cfg.get("url"), self.pretrained_cfg.get("hf_hub_id")
-            hint = (f"download {url} to {places[0]}" if url and self.weights is None else "") + \
-                   (f" or run `huggingface-cli download {hub_id} model.safetensors`" if hub_id and self.weights is None
-                    else "")
-            raise ConfigError(f"{field}.init_args.weights", self.weights,
-                              f"{self.model_name} weights not found; looked in " + ", ".join(map(str, places))
-                              + f"; {hint.strip() or 'give the path of an existing file'}, or set weights to the file")
+            fetch = [f"download {url} to {places[0]}"] if url else []
+            fetch += [f"run `huggingface-cli download {hub_id} model.safetensors`"] if hub_id else []
+            hint = "give the path of an existing file" if self.weights is not None else \
+                " or ".join(fetch + ["set weights to a local file"])
+            raise ConfigError(f"{field}.init_args.weights", self.weights, f"{self.model_name} weights not found "
+                              "(nothing is downloaded); looked in " + ", ".join(map(str, places)) + f"; {hint}")
         # timm reads the file (official DINOv2 or timm layout), converts its keys and resamples the position
         # embedding to this resolution's grid; pretrained_cfg_overlay's file wins over every remote source.
         net = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay={"file": str(found)},

@@ -14,7 +14,8 @@ One training step: drop labels for CFG -> sample t and noise -> x_t and the velo
 pass that computes the exits and hidden states the active terms ask for -> weighted sum of terms.
 EMA of the weights is Lightning's `EMAWeightAveraging` callback (configured in the experiment YAML); it
 averages every trained parameter (the backbone's and the terms' own), swaps the averaged weights in for
-validation and puts them into the checkpoint's `state_dict`.
+validation and puts them into the checkpoint's `state_dict`. Terms whose teacher is the EMA model (SRA) read
+those averaged weights through ``LossInputs.ema_backbone``; no second EMA is kept.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat
 from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 # The private context the LightningCLI itself uses to record a module's config as its hyper-parameters.
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
@@ -120,11 +122,35 @@ class IGDiTModule(pl.LightningModule):
             if self._generator_state is not None:
                 self.train_generator.set_state(self._generator_state)
             for term in self.objective.values():
-                term.setup(self.device)
+                if term.reads_ema and term.weight > 0 and self._averaging() is None:
+                    raise ConfigError(f"model.terms.{term.name}", type(term).__name__,
+                                      "its teacher is the EMA model: add "
+                                      "lightning.pytorch.callbacks.EMAWeightAveraging to trainer.callbacks")
+                term.setup(self.device, datamodule)
             frozen = {f"{term.name}.{key}": value for term in self.objective.values()
                       for key, value in term.frozen_networks().items()}
             if frozen:  # what the frozen networks were loaded from, in place of their weights
                 self.hparams["frozen_networks"] = frozen
+
+    def _averaging(self) -> Optional[WeightAveraging]:
+        """The trainer's weight-averaging callback (EMAWeightAveraging), if any."""
+        if self._trainer is None:
+            return None
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, WeightAveraging)), None)
+
+    @property
+    def ema_backbone(self) -> Optional[Backbone]:
+        """The backbone with the EMA weights that Lightning's EMAWeightAveraging keeps; None outside a trainer or
+        without that callback. While training it is the callback's averaged copy (read, never trained). During
+        validation the callback has swapped the averaged weights into this module, and under ``validate`` the
+        checkpoint's state_dict (the EMA weights) was loaded into it: then it is this module's own backbone."""
+        averaging = self._averaging()
+        if averaging is None:
+            return None
+        if self.trainer.training:
+            average = averaging._average_model  # torch AveragedModel around a deep copy of this module
+            return None if average is None else average.module.backbone
+        return self.backbone
 
     def training_flops(self, batch_size: int) -> int:
         """FLOPs of one training step's forward + backward on `batch_size` samples, counted on the meta device."""
@@ -156,7 +182,8 @@ class IGDiTModule(pl.LightningModule):
                                hidden=self.objective.hidden_needed(step))
         inputs = LossInputs(x=x, noise=noise, t=t, x_t=x_t, target=target, y=y,
                             y_clean=y if y_clean is None else y_clean, output=output, step=step,
-                            backbone=self.backbone, transport=self.transport)
+                            backbone=self.backbone, transport=self.transport, ema_backbone=self.ema_backbone,
+                            data_meta=self.data_meta, generator=generator)
         return self.objective(inputs)
 
     def training_step(self, batch, batch_idx):

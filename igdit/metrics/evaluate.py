@@ -8,7 +8,6 @@ when it computes, so the result does not depend on the number of ranks.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from torchmetrics.image.inception import InceptionScore
 
 from igdit.config import ConfigError
+from igdit.data.cache import data_fingerprint, reference_dir
 from igdit.data.encoders import decode_latents
 from igdit.generation import Sampling, class_labels, image_batches, rank_indices
 from igdit.guidance import Denoiser
@@ -27,7 +27,6 @@ from igdit.metrics.features import METRIC_NAMES, LastLogits, build_feature_net, 
 from igdit.metrics.fid import ReferenceStats, load_reference, new_frechet_metric, reference_from_metric
 
 REFERENCE_SPLITS = ("train", "val")
-REFERENCE_DIR = "fid_refs"
 
 
 def _dist() -> tuple[int, int]:
@@ -50,24 +49,6 @@ def real_image_batches(datamodule, split: str, batch_size: int, rank: int = 0, w
             yield to_uint8(decode_latents(latents, datamodule.meta))
         if limit is not None and seen >= limit:
             return
-
-
-def reference_dir(datamodule) -> Path:
-    """Where statistics (and the digits network) computed from a data folder are cached: <root>/fid_refs/."""
-    return Path(datamodule.root) / REFERENCE_DIR
-
-
-def data_fingerprint(datamodule, split: Optional[str] = None) -> str:
-    """A hash of the shards of one split or of all: their names and sizes, and meta.json (each shard's sample count
-    and checksum); anything cached from the data is keyed by it, so a rebuilt, truncated or extended data set never
-    meets a stale cache. (A same-size rewrite is what `igdit data verify` finds: it compares the checksums.)"""
-    shards = {s: [(Path(u).name, _size(u)) for u in (datamodule.train_urls if s == "train" else datamodule.val_urls)]
-              for s in ((split,) if split else ("train", "val"))}
-    return hashlib.sha256(json.dumps({"shards": shards, "meta": datamodule.meta}, sort_keys=True).encode()).hexdigest()
-
-
-def _size(url: str) -> Optional[int]:
-    return Path(url).stat().st_size if Path(url).is_file() else None  # remote shards: their names only
 
 
 class FrechetEvaluator:

@@ -26,8 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igdit.config import ConfigError
-from igdit.data.encoders import decode_latents
-from igdit.images import to_uint8
+from igdit.data.cache import split_images
 
 FEATURE_KINDS = ("digits", "inception")
 METRIC_NAMES = {"digits": "fd_digits", "inception": "fid"}
@@ -135,15 +134,6 @@ def load_digits_feature_net(path: str | os.PathLike) -> tuple[DigitsFeatureNet, 
     return net.eval().requires_grad_(False), saved["info"]
 
 
-def _split_images(datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images (N, C, H, W) uint8 and labels (N,) of a split, decoded from its shards in shard order."""
-    images, labels = [], []
-    for latents, y in datamodule.latent_batches(split, 512):
-        images.append(to_uint8(decode_latents(latents, datamodule.meta)))
-        labels.append(y)
-    return torch.cat(images), torch.cat(labels)
-
-
 def digits_feature_net(datamodule, cache_dir: Path, fingerprint: str) -> DigitsFeatureNet:
     """The domain feature network of the shards in ``datamodule``: loaded from ``cache_dir`` when this data set
     (``fingerprint``: a hash of its shards) already has one, else trained on the training split's images and
@@ -151,7 +141,7 @@ def digits_feature_net(datamodule, cache_dir: Path, fingerprint: str) -> DigitsF
     on the CPU, so every rank of a multi-GPU run gets the same network."""
     path = Path(cache_dir) / f"fd_digits-{fingerprint[:12]}.pt"
     if not path.is_file():
-        (train_x, train_y), (val_x, val_y) = (_split_images(datamodule, s) for s in ("train", "val"))
+        (train_x, train_y), (val_x, val_y) = (split_images(datamodule, s) for s in ("train", "val"))
         net, info = train_digits_feature_net(train_x, train_y, val_x, val_y, datamodule.num_classes)
         try:
             save_digits_feature_net(net, path, info | {"trained_on": "train split", "accuracy_on": "val split"})

@@ -1,8 +1,19 @@
-"""Training objectives: a weighted sum of loss terms (base.py), one file per term."""
-from igdit.objectives.base import Frozen, LossInputs, LossTerm, Objective, file_digest, per_sample_loss
+"""Training objectives: a weighted sum of loss terms (base.py), one file per term.
+
+IG's own terms: DiffusionLoss, ExitLoss; LightningDiT's CosineVelocityLoss. The baselines the IG and Self-Transcendence papers compare with:
+REPALoss (with a PatchEncoder: DINOv2Encoder, DigitsPatchEncoder), SRALoss, LayerSyncLoss, DispersiveLoss.
+"""
+from igdit.objectives.base import (Frozen, LossInputs, LossTerm, Objective, check_block, file_digest, mlp,
+                                   per_sample_loss)
 from igdit.objectives.cosine import CosineVelocityLoss, cosine_velocity_loss
 from igdit.objectives.diffusion import DiffusionLoss
+from igdit.objectives.dispersive import DispersiveLoss, dispersive_loss
+from igdit.objectives.encoders import DigitsPatchEncoder, DINOv2Encoder, PatchEncoder
 from igdit.objectives.exit import ExitLoss
+from igdit.objectives.layersync import LayerSyncLoss
+from igdit.objectives.repa import REPALoss
+from igdit.objectives.sra import SRALoss, TenfoldDecay
 
-__all__ = ["CosineVelocityLoss", "DiffusionLoss", "ExitLoss", "Frozen", "LossInputs", "LossTerm", "Objective",
-           "cosine_velocity_loss", "file_digest", "per_sample_loss"]
+__all__ = ["CosineVelocityLoss", "DiffusionLoss", "DigitsPatchEncoder", "DINOv2Encoder", "DispersiveLoss", "ExitLoss", "Frozen",
+           "LayerSyncLoss", "LossInputs", "LossTerm", "Objective", "PatchEncoder", "REPALoss", "SRALoss",
+           "TenfoldDecay", "check_block", "cosine_velocity_loss", "dispersive_loss", "file_digest", "mlp", "per_sample_loss"]

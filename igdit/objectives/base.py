@@ -9,10 +9,10 @@ asks the backbone for exactly those.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from igdit.config import ConfigError, UnitInterval, check_interval
+from igdit.data.encoders import decode_latents
 from igdit.models.output import DiTOutput
 
 LossType = Literal["mse", "smooth_l1", "l1"]
 
 
-@dataclass
+@dataclasses.dataclass
 class LossInputs:
     """Everything a term may read for one training batch (t = 1 is noise).
 
@@ -33,6 +34,10 @@ class LossInputs:
     t: (N,) times; y: (N,) labels the backbone saw (class dropout applied, num_classes = null);
     y_clean: (N,) labels before class dropout; output: the backbone's DiTOutput; step: global step;
     backbone, transport: the model being trained and its path (for terms that run it again, e.g. at another t).
+    ema_backbone: the backbone with the EMA weights that Lightning's EMAWeightAveraging keeps (a teacher that
+        is never trained); None without a trainer or without that callback.
+    data_meta: the shards' meta.json (encoder and normaliser), from which ``images()`` decodes x.
+    generator: the RNG of this batch's t and noise (validation fixes it); terms that draw more use it too.
     """
 
     x: torch.Tensor
@@ -46,6 +51,25 @@ class LossInputs:
     step: int
     backbone: Any = None
     transport: Any = None
+    ema_backbone: Any = None
+    data_meta: Optional[dict] = None
+    generator: Optional[torch.Generator] = None
+    _images: Optional[torch.Tensor] = dataclasses.field(default=None, init=False, repr=False)
+
+    def images(self) -> torch.Tensor:
+        """(N, C, H, W) clean images in [-1, 1]: x decoded once per batch with the shards' own normaliser and
+        encoder (``data_meta``), without gradient.
+
+        Pixel-space data (the identity encoder; or no meta) costs nothing: the images are x. VAE latents cost one
+        decoder pass per sample and step (SD-VAE, 32x32x4 -> 256x256: 622 GFLOPs, 4.5x an SiT-B/2 training step of
+        138 GFLOPs per image and 0.87x an SiT-XL/2 step), and they are reconstructions, not the original pixels
+        REPA's data loader reads. NOTE: a run at scale should store the images (or the encoder's features) in the
+        shards and pass them in instead of decoding.
+        """
+        if self._images is None:
+            with torch.no_grad():
+                self._images = decode_latents(self.x, self.data_meta)
+        return self._images
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", beta: float = 0.05) -> torch.Tensor:
@@ -84,6 +108,25 @@ class Frozen:
         return {"source": self.source, "sha256": self.digest}
 
 
+def check_block(field: str, block: Any, depth: int) -> int:
+    """A 1-based block index in [1, depth] (the hidden state after that block), or a one-line ConfigError."""
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= depth:
+        raise ConfigError(field, block, f"blocks are 1-based indices in [1, {depth}] for a backbone of depth {depth}")
+    return block
+
+
+def mlp(*widths: int) -> nn.Sequential:
+    """Linear layers of the given widths with SiLU between them (the projectors of REPA, SRA and ST), initialised
+    as the reference code initialises every Linear of its SiT: xavier-uniform weights, zero biases."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        linear = nn.Linear(fan_in, fan_out)
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        layers += [linear] if i == len(widths) - 2 else [linear, nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes (what a frozen network was loaded from)."""
     digest = hashlib.sha256()
@@ -101,8 +144,11 @@ class LossTerm(nn.Module):
     Subclasses say what they read (``exits_needed``, ``hidden_needed``), may build layers of their own in
     ``attach`` (called once with the backbone, before the optimiser and the EMA copy exist) and compute a
     per-sample loss (or override ``forward`` for a batch-level term). ``name`` is the key the experiment gives
-    the term (``model.terms.<name>``); it is logged as ``train/<name>``.
+    the term (``model.terms.<name>``); it is logged as ``train/<name>``. A term whose teacher is the EMA model
+    sets ``reads_ema``: the module then refuses to fit without Lightning's EMAWeightAveraging callback.
     """
+
+    reads_ema: ClassVar[bool] = False
 
     def __init__(self, weight: NonNegativeFloat = 1.0, start_step: NonNegativeInt = 0,
                  stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0)):
@@ -123,8 +169,10 @@ class LossTerm(nn.Module):
         if self.stop_step is not None and self.stop_step <= self.start_step:
             raise ConfigError(self.field("stop_step"), self.stop_step, f"must be greater than start_step {self.start_step}")
 
-    def setup(self, device: torch.device) -> None:
-        """Before training: load what the term reads from disk (a frozen teacher) and check it. Default: nothing."""
+    def setup(self, device: torch.device, datamodule=None) -> None:
+        """Before training: load what the term reads from disk (a frozen teacher) and check it. ``datamodule``: the
+        run's data (its shards and meta.json) when there is one, for networks trained on the data set itself.
+        Default: nothing."""
 
     def frozen_networks(self) -> dict[str, dict]:
         """Source and content hash of each frozen network the term reads (recorded in the hyper-parameters)."""
@@ -132,6 +180,10 @@ class LossTerm(nn.Module):
 
     def active(self, step: int) -> bool:
         return self.weight > 0 and step >= self.start_step and (self.stop_step is None or step < self.stop_step)
+
+    def weight_at(self, step: int) -> float:
+        """The term's factor in the total at a global step (``weight``; a term with a weight schedule overrides)."""
+        return self.weight
 
     def exits_needed(self, step: int) -> tuple[int, ...]:
         return ()
@@ -191,5 +243,5 @@ class Objective(nn.ModuleDict):
             term.logged = {}
             values[term.name] = term(inputs)
             values.update({f"{term.name}/{key}": value for key, value in term.logged.items()})
-        total = sum(term.weight * values[term.name] for term in active)
+        total = sum(term.weight_at(inputs.step) * values[term.name] for term in active)
         return total, values

@@ -1,0 +1,47 @@
+"""What is computed from a data folder and cached beside its shards (reference statistics, small networks
+trained on the data set's own images), and the key that ties each cache to the exact shards it came from.
+
+Kept apart from the metrics so that every user of such a cache (the Fréchet-distance metric, a loss term's
+frozen encoder) reads the same folder and the same key without importing the other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from igdit.data.encoders import decode_latents
+from igdit.images import to_uint8
+
+REFERENCE_DIR = "fid_refs"
+
+
+def reference_dir(datamodule) -> Path:
+    """Where statistics and networks computed from a data folder are cached: <root>/fid_refs/."""
+    return Path(datamodule.root) / REFERENCE_DIR
+
+
+def data_fingerprint(datamodule, split: Optional[str] = None) -> str:
+    """A hash of the shards of one split or of all: their names and sizes, and meta.json (each shard's sample count
+    and checksum); anything cached from the data is keyed by it, so a rebuilt, truncated or extended data set never
+    meets a stale cache. (A same-size rewrite is what `igdit data verify` finds: it compares the checksums.)"""
+    shards = {s: [(Path(u).name, _size(u)) for u in (datamodule.train_urls if s == "train" else datamodule.val_urls)]
+              for s in ((split,) if split else ("train", "val"))}
+    return hashlib.sha256(json.dumps({"shards": shards, "meta": datamodule.meta}, sort_keys=True).encode()).hexdigest()
+
+
+def _size(url: str) -> Optional[int]:
+    return Path(url).stat().st_size if Path(url).is_file() else None  # remote shards: their names only
+
+
+def split_images(datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images (N, C, H, W) uint8 and labels (N,) of a split, decoded from its shards in shard order with the
+    shards' own encoder and normaliser."""
+    images, labels = [], []
+    for latents, y in datamodule.latent_batches(split, 512):
+        images.append(to_uint8(decode_latents(latents, datamodule.meta)))
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)

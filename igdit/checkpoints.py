@@ -1,5 +1,5 @@
 """Checkpoints: reading igdit's own (safely, old layouts included); the official ones are imported by
-``igdit.official`` (re-exported here under their former names).
+``igdit.official``.
 
 ``load_module`` rebuilds an ``IGDiTModule`` from any igdit checkpoint with ``torch.load(weights_only=True)``:
 its hyper-parameters are the model's config (class_path dicts), and checkpoints written before the parts were
@@ -10,34 +10,15 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from igdit.config import ConfigError
 from igdit.models import BACKBONES
 from igdit.module import build_module
-from igdit.official import WEIGHTS as OFFICIAL_WEIGHTS
-from igdit.official import check_state_dict, import_official, infer_shapes, load_official
 
 WEIGHTS = ("ema", "raw")
-__all__ = ["OFFICIAL_WEIGHTS", "check_state_dict", "import_official", "import_official_sit", "infer_shapes",
-           "load_module", "load_official_sit", "model_config", "read_checkpoint"]
-
-
-def load_official_sit(path: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
-    """``igdit.official.load_official`` for the official SiT+IG layout."""
-    return load_official(path, "official-sit", weights)
-
-
-def import_official_sit(path: str | Path, model_name: str, exits: list[int], out: str | Path, *,
-                        input_size: Optional[int] = None, in_channels: Optional[int] = None,
-                        num_classes: Optional[int] = None, weights: str = "ema", overwrite: bool = False,
-                        vae: Optional[str] = None) -> Path:
-    """An official SiT+IG checkpoint as an igdit checkpoint with this model and exits (``import_official``);
-    without ``vae`` the weights alone are imported (no decoder attached)."""
-    return import_official(path, "official-sit", out, model=model_name, exits=exits, vae=vae, input_size=input_size,
-                           in_channels=in_channels, num_classes=num_classes, weights=weights, overwrite=overwrite)
+__all__ = ["load_module", "model_config", "read_checkpoint"]
 
 
 # ---- igdit's own checkpoints ---------------------------------------------------------------------------

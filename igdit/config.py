@@ -8,13 +8,14 @@ constructor with ``ConfigError``. The command dispatcher prints both as one line
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import re
 from typing import Any, Iterable, Optional
 
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter
 from jsonargparse.typing import ClosedUnitInterval
 
 # A t-interval [low, high] in the project's time (t = 1 is noise); check_interval adds low <= high.
@@ -158,9 +159,13 @@ def config_error_in(err: BaseException) -> Optional["ConfigError"]:
     return None
 
 
+class _KeepLayoutFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Help text as the docstring lays it out: command examples stay one per line."""
+
+
 def config_parser(**kwargs) -> ArgumentParser:
     """A jsonargparse parser that raises instead of exiting (the dispatcher prints the error as one line)."""
-    return ArgumentParser(exit_on_error=False, **kwargs)
+    return ArgumentParser(exit_on_error=False, formatter_class=_KeepLayoutFormatter, **kwargs)
 
 
 def plain_config(parser: ArgumentParser, cfg) -> dict:

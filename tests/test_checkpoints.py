@@ -4,7 +4,8 @@ import argparse
 import pytest
 import torch
 
-from igdit.checkpoints import import_official_sit, infer_shapes, load_module, load_official_sit
+from igdit.checkpoints import load_module
+from igdit.official import import_official, infer_shapes, load_official
 from igdit.cli import main as igdit
 from igdit.config import ConfigError
 from igdit.models import build_backbone
@@ -48,7 +49,7 @@ def _forward_all(model):
 
 def test_official_checkpoint_imports_ema_exactly_and_runs_like_a_directly_loaded_sit(tmp_path):
     path, model_sd, ema_sd = _official(tmp_path)
-    out = import_official_sit(path, "SiT-T/2", [2], tmp_path / "model.ckpt")
+    out = import_official(path, "official-sit", tmp_path / "model.ckpt", model="SiT-T/2", exits=[2], vae=None)
     module = IGDiTModule.load_from_checkpoint(out, map_location="cpu")  # Lightning's own loader works too
     assert _sizes(module) == (8, 1, 10) and _sizes(load_module(out)) == (8, 1, 10)
     state = module.backbone.state_dict()
@@ -68,7 +69,8 @@ def test_official_checkpoint_imports_ema_exactly_and_runs_like_a_directly_loaded
     assert meta["source"] == "official-sit" and meta["weights"] == "ema" and meta["path"] == str(path)
     assert meta["args"]["encoder_depth"] == 2 and meta["args"]["model"] == "SiT-T/2"
 
-    out2 = import_official_sit(path, "SiT-T/2", [2], tmp_path / "raw.ckpt", weights="model")
+    out2 = import_official(path, "official-sit", tmp_path / "raw.ckpt",
+                           model="SiT-T/2", exits=[2], vae=None, weights="model")
     state2 = IGDiTModule.load_from_checkpoint(out2, map_location="cpu").backbone.state_dict()
     assert all(torch.equal(state2[k], model_sd[k]) for k in model_sd)
 
@@ -78,10 +80,11 @@ def test_bare_and_ddp_prefixed_state_dicts_import(tmp_path):
     torch.save(sd, tmp_path / "bare.pt")
     torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pt")
     for name in ("bare.pt", "ddp.pt"):
-        out = import_official_sit(tmp_path / name, "SiT-T/2", [2], tmp_path / f"{name}.ckpt")
+        out = import_official(tmp_path / name, "official-sit", tmp_path / f"{name}.ckpt",
+                              model="SiT-T/2", exits=[2], vae=None)
         state = IGDiTModule.load_from_checkpoint(out, map_location="cpu").backbone.state_dict()
         assert all(torch.equal(state[k], sd[k]) for k in sd)
-    loaded, info = load_official_sit(tmp_path / "ddp.pt")
+    loaded, info = load_official(tmp_path / "ddp.pt", "official-sit")
     assert set(loaded) == set(sd) and info["layout"] == "state_dict" and info["steps"] is None
 
 
@@ -99,29 +102,31 @@ def test_infers_sizes_from_shapes():
 def test_inferred_sizes_build_the_model_and_contradicting_flags_stop(tmp_path):
     sd = _random_state(input_size=16, in_channels=3, num_classes=7)
     torch.save(sd, tmp_path / "w.pt")
-    out = import_official_sit(tmp_path / "w.pt", "SiT-T/2", [2], tmp_path / "m.ckpt", input_size=16)
+    out = import_official(tmp_path / "w.pt", "official-sit", tmp_path / "m.ckpt",
+                          model="SiT-T/2", exits=[2], vae=None, input_size=16)
     assert _sizes(load_module(out)) == (16, 3, 7)
     with pytest.raises(ConfigError, match=r"--num-classes: 1000 .*num_classes = 7"):
-        import_official_sit(tmp_path / "w.pt", "SiT-T/2", [2], tmp_path / "n.ckpt", num_classes=1000)
+        import_official(tmp_path / "w.pt", "official-sit", tmp_path / "n.ckpt",
+                        model="SiT-T/2", exits=[2], vae=None, num_classes=1000)
 
 
 def test_shape_mismatch_names_the_first_key_and_both_shapes(tmp_path):
     path, _, _ = _official(tmp_path)
     with pytest.raises(ConfigError, match=r"^--model: 'SiT-T/4' .*pos_embed has shape \(1, 16, 128\) in the "
                                           r"checkpoint, the model expects \(1, 4, 128\)"):
-        import_official_sit(path, "SiT-T/4", [2], tmp_path / "a.ckpt")
+        import_official(path, "official-sit", tmp_path / "a.ckpt", model="SiT-T/4", exits=[2], vae=None)
     # a patch size that does not divide the latent side (12 % 8) is reported the same way
     torch.save(_random_state(input_size=12), tmp_path / "w12.pt")
     with pytest.raises(ConfigError, match=r"^--model: 'SiT-T/8' .*x_embedder\.proj\.weight has shape "
                                           r"\(128, 1, 2, 2\) in the checkpoint, the model expects \(128, 1, 8, 8\)"):
-        import_official_sit(tmp_path / "w12.pt", "SiT-T/8", [2], tmp_path / "a.ckpt")
+        import_official(tmp_path / "w12.pt", "official-sit", tmp_path / "a.ckpt", model="SiT-T/8", exits=[2], vae=None)
     # a width mismatch further down (blocks.0.attn.qkv) is named too when earlier keys fit
     sd = _random_state()
     sd["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
     torch.save(sd, tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match=r"blocks\.0\.attn\.qkv\.weight has shape \(3, 3\) in the checkpoint, "
                                           r"the model expects \(384, 128\)"):
-        import_official_sit(tmp_path / "bad.pt", "SiT-T/2", [2], tmp_path / "a.ckpt")
+        import_official(tmp_path / "bad.pt", "official-sit", tmp_path / "a.ckpt", model="SiT-T/2", exits=[2], vae=None)
     assert not (tmp_path / "a.ckpt").exists()
 
 
@@ -129,38 +134,40 @@ def test_missing_exit_head_and_wrong_exit_block_are_named(tmp_path):
     path, _, _ = _official(tmp_path)
     with pytest.raises(ConfigError, match=r"^--exit: \[2, 4\] .*final_layer_xr_2\.linear\.weight "
                                           r"missing in checkpoint"):
-        import_official_sit(path, "SiT-T/2", [2, 4], tmp_path / "a.ckpt")
+        import_official(path, "official-sit", tmp_path / "a.ckpt", model="SiT-T/2", exits=[2, 4], vae=None)
     with pytest.raises(ConfigError, match=r"^--exit: 3 .*encoder_depth"):
-        import_official_sit(path, "SiT-T/2", [3], tmp_path / "a.ckpt")
+        import_official(path, "official-sit", tmp_path / "a.ckpt", model="SiT-T/2", exits=[3], vae=None)
     sd = _random_state()
     torch.save({k: v for k, v in sd.items() if not k.startswith("final_layer_xr")}, tmp_path / "nohead.pt")
     with pytest.raises(ConfigError, match=r"final_layer_xr\.linear\.weight missing in checkpoint"):
-        import_official_sit(tmp_path / "nohead.pt", "SiT-T/2", [2], tmp_path / "a.ckpt")
+        import_official(tmp_path / "nohead.pt", "official-sit", tmp_path / "a.ckpt",
+                        model="SiT-T/2", exits=[2], vae=None)
     torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(ConfigError, match=r"extra\.weight unexpected in checkpoint"):
-        import_official_sit(tmp_path / "extra.pt", "SiT-T/2", [2], tmp_path / "a.ckpt")
+        import_official(tmp_path / "extra.pt", "official-sit", tmp_path / "a.ckpt",
+                        model="SiT-T/2", exits=[2], vae=None)
 
 
 def test_bad_files_keys_and_existing_out(tmp_path):
     with pytest.raises(ConfigError, match=r"^--from official-sit: .*no such file"):
-        load_official_sit(tmp_path / "nope.pt")
+        load_official(tmp_path / "nope.pt", "official-sit")
     torch.save({"model": _random_state(), "args": argparse.Namespace(a=1), "steps": 5}, tmp_path / "noema.pt")
     with pytest.raises(ConfigError, match=r"has no 'ema' state dict .*keys present: 'model', 'args', 'steps'"):
-        load_official_sit(tmp_path / "noema.pt")
-    assert load_official_sit(tmp_path / "noema.pt", weights="model")[1]["steps"] == 5
+        load_official(tmp_path / "noema.pt", "official-sit")
+    assert load_official(tmp_path / "noema.pt", "official-sit", weights="model")[1]["steps"] == 5
     with pytest.raises(ConfigError, match=r"^--weights"):
-        load_official_sit(tmp_path / "noema.pt", weights="best")
+        load_official(tmp_path / "noema.pt", "official-sit", weights="best")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"could not be read"):
-        load_official_sit(tmp_path / "junk.pt")
+        load_official(tmp_path / "junk.pt", "official-sit")
 
     path, _, _ = _official(tmp_path)
     out = tmp_path / "model.ckpt"
     out.write_bytes(b"keep me")
     with pytest.raises(ConfigError, match=r"^--out: .*already exists"):
-        import_official_sit(path, "SiT-T/2", [2], out)
+        import_official(path, "official-sit", out, model="SiT-T/2", exits=[2], vae=None)
     assert out.read_bytes() == b"keep me"
-    import_official_sit(path, "SiT-T/2", [2], out, overwrite=True)
+    import_official(path, "official-sit", out, model="SiT-T/2", exits=[2], vae=None, overwrite=True)
     assert load_module(out).backbone.exit_indices == (2,)
 
 

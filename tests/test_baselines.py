@@ -462,7 +462,7 @@ def _fit_config(tmp_path: Path, name: str, ema: bool = True, **term_args) -> Pat
         if kind == "EMAWeightAveraging" and ema:
             cb["init_args"].update(decay=0.9, update_starting_at_step=0)
             callbacks.append(cb)
-        elif kind == "ModelCheckpoint" and "every_n_train_steps" in cb["init_args"]:
+        elif kind == "Checkpoint" and "every_n_train_steps" in cb["init_args"]:
             cb["init_args"]["every_n_train_steps"] = 20
             callbacks.append(cb)
     cfg["trainer"]["callbacks"] = callbacks

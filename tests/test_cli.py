@@ -42,6 +42,19 @@ def test_paper_configs_carry_the_paper_settings():
         assert ema["init_args"]["decay"] == 0.9999
 
 
+LONG_RUNS = [c for c in CONFIGS if yaml.safe_load(c.read_text())["trainer"]["max_steps"] >= 100_000]
+
+
+@pytest.mark.parametrize("config", LONG_RUNS, ids=[c.stem for c in LONG_RUNS])
+def test_long_runs_keep_a_recent_resume_point_and_a_divergence_guard(config):
+    cfg = yaml.safe_load(config.read_text())
+    callbacks = cfg["trainer"]["callbacks"]
+    resume_points = [c["init_args"] for c in callbacks if c["class_path"] == "igdit.callbacks.Checkpoint"
+                     and c["init_args"].get("save_last")]
+    assert resume_points and all(c["every_n_train_steps"] <= 10_000 for c in resume_points)
+    assert any(c["class_path"] == "igdit.callbacks.DivergenceGuard" for c in callbacks)
+
+
 def _fit_args(root: Path, scratch: Path, *extra: str) -> list[str]:
     return ["fit", "--config", str(REPO / "experiments/default.yaml"), "--data.root", str(root),
             "--trainer.logger.init_args.tracking_uri", f"sqlite:///{scratch / 'mlflow.db'}",

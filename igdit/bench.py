@@ -4,10 +4,12 @@ Targets: the default run's training part <= 8 min on 2 CPU cores; the exit head 
 step against the same backbone without it; peak memory of the default run < 4 GiB; IG adds no forward pass
 in sampling; one FID evaluation costs <= 20% of the training time between two, in memory flat in K;
 streaming SD-VAE-shaped latents (4x32x32 float16) >= 20x what SiT-XL/2 training consumes per GPU; the
-encoder's images/s for `igdit data build`.
+encoder's images/s for `igdit data build`; each loss term's step time and FLOPs against the plain diffusion
+loss, and what its extra networks cost at paper scale (``igdit.bench_terms``); LightningDiT + IG sampling and
+posterior-shard streaming (``igdit.bench_ldit``; XL/1 timings need a GPU).
 Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
-the median of per-round ratios. `--only data` runs the data sections alone and replaces them in the report,
-keeping the other sections' numbers.
+the median of per-round ratios. `--only data|terms|lightningdit` runs one part alone and replaces its sections
+in the report, keeping the other sections' numbers.
 """
 from __future__ import annotations
 
@@ -403,32 +405,61 @@ def _merge_sections(report: str, sections: list[str]) -> str:
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 
 
+def _data_part(args) -> list[str]:
+    return data_sections(streaming_throughput(), encoder_throughput())
+
+
+def _terms_part(args) -> list[str]:
+    from igdit import bench_terms
+
+    return bench_terms.sections(bench_terms.digits_step_costs(args.data), bench_terms.paper_scale_extra_flops())
+
+
+def _lightningdit_part(args) -> list[str]:
+    """XL/1 with the published 124 Heun steps on a GPU; on a CPU a smaller model and schedule, said so."""
+    from igdit import bench_ldit
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        sampling = bench_ldit.sampling_throughput(device=device)
+    else:
+        sampling = bench_ldit.sampling_throughput("B/1", batch=4, steps=6, rounds=3, device=device)
+    lines = bench_ldit.sections(sampling, bench_ldit.posterior_streaming(), SIT_XL2_SAMPLES_PER_GPU)
+    if not device.startswith("cuda"):
+        lines.insert(1, "No GPU here: LightningDiT-B/1 (not XL/1) and 6 Heun steps (not 124) on the CPU; the XL/1 "
+                        "figures come from `python -m igdit.bench --only lightningdit --device cuda`.\n")
+    return lines
+
+
+PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part}
+PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="experiments/default.yaml")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--data", default="data/digits", help="the digits shards (make data)")
     parser.add_argument("--skip-run", action="store_true", help="skip the default run (8 minutes) and the sweep")
-    parser.add_argument("--only", choices=["data"], default=None,
-                        help="data: only streaming and encoder throughput, merged into the existing report")
+    parser.add_argument("--only", choices=sorted(PARTS), default=None,
+                        help="one part (data: streaming and encoders; terms: the loss terms' cost; lightningdit: "
+                             "LightningDiT sampling and posterior streaming), merged into the existing report")
+    parser.add_argument("--device", default=None, help="where LightningDiT sampling is timed (default: cuda if any)")
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     load = os.getloadavg()[0]
-    stream, encode = streaming_throughput(), encoder_throughput()
-    data = data_sections(stream, encode)
-    if args.only == "data":
+    if args.only:
         out = Path(args.out)
         report = out.read_text() if out.exists() else "# Benchmarks\n"
-        report = _merge_sections(report, [f"## Data throughput\n\nThe two data sections below were measured "
-                                          f"{time.strftime('%Y-%m-%d')} on {machine} by "
-                                          f"`python -m igdit.bench --only data` (load average {load:.1f} before, "
-                                          "on a machine shared with other work: medians of interleaved rounds).\n"]
-                                 + data)
-        out.write_text(report)
-        print("\n".join(data))
-        print(json.dumps({"streaming": stream, "encoder": encode}, indent=1, default=str))
+        part = PARTS[args.only](args)
+        note = (f"## {PART_TITLES[args.only]}\n\nThe sections below were measured {time.strftime('%Y-%m-%d')} on "
+                f"{machine} by `python -m igdit.bench --only {args.only}` (load average {load:.1f} before, on a "
+                "machine shared with other work: medians of interleaved rounds).\n")
+        out.write_text(_merge_sections(report, [note] + part))
+        print("\n".join(part))
         return 0
+    data = PARTS["data"](args)
     overhead = exit_head_overhead(args.config)
     sampling = sampling_cost(args.config)
     memory = [fid_memory(args.config, args.data, k) for k in (1_000, 10_000)]
@@ -488,11 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {m['num_samples']:,} | {m['peak_rss_gib']:.2f} | {m['growth_mib']:.0f} | {m['seconds']:.1f} |"
               for m in memory]
     lines += [""]
-    lines += data
+    lines += data + PARTS["terms"](args) + PARTS["lightningdit"](args)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run, "fid_memory": memory,
-                      "sampling_sweep": sweep, "streaming": stream, "encoder": encode}, indent=1, default=str))
+                      "sampling_sweep": sweep}, indent=1, default=str))
     return 0
 
 

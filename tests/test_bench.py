@@ -29,3 +29,37 @@ def test_the_consumption_figure_is_the_flops_bound_and_the_ratio_uses_it():
     assert round(SIT_XL2_SAMPLES_PER_GPU) == round(989e12 * 0.5 / (3 * 118.6e9)) == 1390
     text = "\n".join(_sections(13_900.0))
     assert "One worker gives **10.0x** the assumed consumption" in text and "needs 2 workers per GPU" in text
+
+
+def test_a_steps_counted_flops_are_its_networks_forward_and_backward():
+    import torch
+
+    from igdit.bench_terms import step_flops
+    from helpers import tiny_module
+
+    plain = tiny_module(backbone={"exits": []}, terms={"diffusion": {"class_path": "igdit.objectives.DiffusionLoss"}})
+    x, y = torch.randn(16, *plain.latent_shape), torch.randint(0, 10, (16,))
+    counted = step_flops(plain, x, y)
+    assert abs(counted / plain.training_flops(16) - 1) < 1e-3  # attention included; the loss is a rounding error
+    layersync = tiny_module(backbone={"exits": []}, terms={
+        "diffusion": {"class_path": "igdit.objectives.DiffusionLoss"},
+        "layersync": {"class_path": "igdit.objectives.LayerSyncLoss", "init_args": {"block": 1, "target_block": 4}}})
+    layersync.load_state_dict(plain.state_dict(), strict=False)
+    # the counter counts matrix products and convolutions: LayerSync's cosines add none, an exit head adds its own
+    assert step_flops(layersync, x, y) == counted
+    with_exit = tiny_module()
+    assert abs(step_flops(with_exit, x, y) / with_exit.training_flops(16) - 1) < 1e-3
+    assert step_flops(with_exit, x, y) > counted
+
+
+def test_the_loss_term_section_reports_every_arm_and_the_paper_scale_rows():
+    from igdit.bench_terms import sections
+
+    digits = {"steps": 25, "rounds": 3, "arms": {
+        "plain": {"step_ms": 40.0, "time_ratio": 1.0, "gflops": 15.0, "flops_ratio": 1.0},
+        "sra": {"step_ms": 52.0, "time_ratio": 1.3, "gflops": 19.2, "flops_ratio": 1.28}}}
+    paper = {"forward_gflops": {"B/2": 46.0, "XL/2": 237.2}, "rows": {
+        "sra teacher": {"B/2": {"gflops": 30.7, "of_forward": 0.667}, "XL/2": {"gflops": 169.4, "of_forward": 0.714}}}}
+    text = "\n".join(sections(digits, paper))
+    assert "| sra | 52.0 | 1.300 | 19.20 | 1.280 |" in text
+    assert "| sra teacher | 30.7 (0.67) | 169.4 (0.71) |" in text and "SiT-XL/2 237.2 GFLOPs" in text

@@ -1,0 +1,179 @@
+"""What each loss term costs (issue 11), as plain functions for `igdit.bench` to call, and ``sections(...)``.
+
+* ``digits_step_costs``: every digits experiment of a term against the plain diffusion loss, each trained for a
+  few steps through Lightning's own fit loop (the EMA callback, the datamodule, the terms' frozen encoders and
+  teachers set up exactly as in training); the median step time (forward, backward, optimiser, EMA update),
+  the median over interleaved rounds of its ratio to the plain step, and the FLOPs one step actually runs
+  (``torch.utils.flop_counter``, frozen networks included) against the plain step's.
+* ``paper_scale_extra_flops``: the networks a term runs besides the student, per training sample at 256 px,
+  against one forward of the student, counted on the meta device: the SRA / Self-Transcendence teachers (which
+  stop at their block), DINOv2-B/14 and the SD-VAE decoder that REPA needs for its clean images.
+
+Timings on a shared machine are noisy: arms are interleaved over rounds and medians of per-round ratios are
+reported.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+# Arm name -> (experiment YAML, extra CLI arguments). "plain" is the reference every ratio is taken against.
+PLAIN = ("experiments/default.yaml", ["--model.backbone.exits", "[]",
+                                      "--model.terms", '{"diffusion": {"class_path": "igdit.objectives.DiffusionLoss"}}'])
+DIGITS_ARMS: dict[str, tuple[str, list[str]]] = {
+    "plain": PLAIN,
+    "ig_exit (IG exit head + exit loss)": ("experiments/default.yaml", []),
+    "repa": ("experiments/repa_digits.yaml", []),
+    "sra": ("experiments/sra_digits.yaml", []),
+    "layersync": ("experiments/layersync_digits.yaml", []),
+    "dispersive": ("experiments/dispersive_digits.yaml", []),
+}
+
+
+class _StepTimer(pl.Callback):
+    """Wall time of every training batch, from its start to the end of the last callback's batch-end hook."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _fit(config: str, extra: list[str], data_root: str, scratch: Path, steps: int):
+    """Train `steps` steps of an experiment in this process (no logger, no validation, no callbacks but the EMA);
+    the trained CLI objects and the step times after two warm-up steps."""
+    from igdit.experiment import run_lightning_cli
+
+    ema = [c for c in yaml.safe_load(Path(config).read_text())["trainer"].get("callbacks", [])
+           if c["class_path"].endswith("EMAWeightAveraging")]
+    cli = run_lightning_cli(["--config", config, "--data.root", data_root, *extra, "--trainer.callbacks", json.dumps(ema),
+                             "--trainer.max_steps", str(steps), "--trainer.logger", "false",
+                             "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                             "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(scratch)],
+                            run=False)
+    timer = _StepTimer()
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, timer.seconds[2:]
+
+
+def step_flops(module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one training step's loss on (x, y) (every term, frozen networks included) and its backward.
+
+    Attention runs on its math path while counting: the flop counter has no formula for the fused CPU kernel
+    and would count attention as free."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss, _ = module.compute_loss(x, y, module.global_step)
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def digits_step_costs(data_root: str, arms: Optional[dict] = None, rounds: int = 3, steps: int = 25) -> dict:
+    """Per arm: median step ms, median over rounds of (arm step / plain step), FLOPs per step and their ratio."""
+    arms = arms or DIGITS_ARMS
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    flops: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="igdit-bench-terms-") as scratch:
+        _fit(*arms["plain"], data_root, Path(scratch) / "warm-up", 4)  # first-use costs (threads, allocator) go here
+        for round_ in range(rounds):
+            for name, (config, extra) in arms.items():
+                cli, seconds = _fit(config, extra, data_root, Path(scratch) / f"{round_}-{len(flops)}", steps)
+                times[name].append(statistics.median(seconds))
+                if name not in flops:
+                    flops[name] = step_flops(cli.model, *next(iter(cli.datamodule.train_dataloader())))
+    plain = times["plain"]
+    return {"rounds": rounds, "steps": steps, "arms": {
+        name: {"step_ms": 1000 * statistics.median(t),
+               "time_ratio": statistics.median(a / b for a, b in zip(t, plain)),
+               "gflops": flops[name] / 1e9, "flops_ratio": flops[name] / flops["plain"]}
+        for name, t in times.items()}}
+
+
+def _sit_flops(size: str, **forward) -> int:
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from igdit.models import SiT
+
+    with torch.device("meta"):
+        model = SiT(size, input_size=32, in_channels=4, num_classes=1000)
+        x, t, y = torch.empty(1, 4, 32, 32), torch.empty(1), torch.zeros(1, dtype=torch.long)
+    return measure_flops(model, lambda: model(x, t, y, **forward))
+
+
+def paper_scale_extra_flops(teacher_blocks: dict[str, dict[str, int]] | None = None) -> dict:
+    """GFLOPs per training sample of each term's extra networks at 256 px (4x32x32 SD-VAE latents), against one
+    student forward. teacher_blocks: {term: {size: block its teacher stops after}} (SRA: 8 of B/2's 12 and 20 of
+    XL/2's 28, SELF_TRANSCENDENCE.md §3)."""
+    teacher_blocks = teacher_blocks or {"sra teacher (EMA, stops after its block)": {"B/2": 8, "XL/2": 20}}
+    forward = {size: _sit_flops(size) for size in ("B/2", "XL/2")}
+    rows = {}
+    for name, blocks in teacher_blocks.items():
+        rows[name] = {size: _sit_flops(size, hidden=(block,), stop_after=block) for size, block in blocks.items()}
+    encoders = {"dinov2 ViT-B/14 at 224 px (REPA)": _dinov2_flops(), "SD-VAE decoder, 32x32x4 -> 256x256 (REPA's "
+                "clean images from latent shards)": _sd_vae_decoder_flops()}
+    for name, value in encoders.items():
+        rows[name] = {size: value for size in forward}
+    return {"forward_gflops": {s: f / 1e9 for s, f in forward.items()},
+            "rows": {name: {s: {"gflops": f / 1e9, "of_forward": f / forward[s]} for s, f in sizes.items()}
+                     for name, sizes in rows.items()}}
+
+
+def _dinov2_flops() -> int:
+    import timm
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=224)
+        x = torch.empty(1, 3, 224, 224)
+    return measure_flops(model, lambda: model.forward_features(x))
+
+
+def _sd_vae_decoder_flops() -> int:
+    from diffusers import AutoencoderKL
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    with torch.device("meta"):  # SD-VAE's architecture (stabilityai/sd-vae-ft-ema config.json), no weights
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=256,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        z = torch.empty(1, 4, 32, 32)
+    return measure_flops(vae, lambda: vae.decode(z).sample)
+
+
+def sections(digits: dict, paper: dict) -> list[str]:
+    """The report's section (starts with '## ')."""
+    lines = ["## Loss terms (target: each term's cost measured against the plain diffusion loss)\n",
+             f"Digits experiments (SiT-T/2, batch 128) trained through Lightning's fit loop with their EMA, data and "
+             f"frozen networks; {digits['steps']} steps per fit (the first two not timed), {digits['rounds']} "
+             "interleaved rounds: median step time and median of the per-round ratios to `plain` (no exit head, "
+             "the diffusion loss alone). FLOPs: one step's loss and backward pass, frozen encoders and teachers "
+             "included, counted by `torch.utils.flop_counter` (matrix products and convolutions; element-wise work "
+             "such as LayerSync's cosines counts as free).\n",
+             "| arm | step (ms) | time ratio | GFLOPs / step | FLOPs ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {a['step_ms']:.1f} | {a['time_ratio']:.3f} | {a['gflops']:.2f} | {a['flops_ratio']:.3f} |"
+              for name, a in digits["arms"].items()]
+    sizes = list(paper["forward_gflops"])
+    lines += ["", "At paper scale (256 px, per training sample, counted on the meta device): what each term runs "
+              "besides the student, against one student forward ("
+              + ", ".join(f"SiT-{s} {g:.1f} GFLOPs" for s, g in paper["forward_gflops"].items()) + "; FLOPs = 2 x "
+              "multiply-adds).\n",
+              "| extra network | " + " | ".join(f"SiT-{s}: GFLOPs (x forward)" for s in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
+    lines += [f"| {name} | " + " | ".join(f"{r[s]['gflops']:.1f} ({r[s]['of_forward']:.2f})" for s in sizes) + " |"
+              for name, r in paper["rows"].items()]
+    return lines + [""]

@@ -49,7 +49,7 @@ def test_the_divergence_guard_stops_a_loss_that_runs_away_and_only_then():
 
 def test_a_non_finite_loss_stops_before_the_weights_change_with_one_line():
     module = tiny_module()
-    trainer = type("T", (), {"global_step": 0,
+    trainer = type("T", (), {"global_step": 0, "training": True, "callbacks": [],
                              "checkpoint_callback": type("C", (), {"last_model_path": "runs/x/last.ckpt"})()})()
     module._trainer = trainer
     module.train_generator = torch.Generator().manual_seed(0)

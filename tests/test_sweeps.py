@@ -347,13 +347,21 @@ def test_a_killed_sweep_worker_leaves_no_running_trial_and_its_trial_is_retried(
     worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.time() + 240
 
-    def states():
+    def trials():
         try:
-            return [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials]
+            return optuna.load_study(study_name="s", storage=storage).trials
         except KeyError:  # the study is not created yet
             return []
 
-    while not (states().count("COMPLETE") >= 1 and states()[-1:] == ["RUNNING"]) and time.time() < deadline:
+    def states():
+        return [t.state.name for t in trials()]
+
+    def training_after_a_complete_trial():
+        now = trials()
+        return (sum(t.state.name == "COMPLETE" for t in now) >= 1 and now[-1].state.name == "RUNNING"
+                and "mlflow_run_id" in now[-1].user_attrs)  # a kill before the run id: the next test
+
+    while not training_after_a_complete_trial() and time.time() < deadline:
         time.sleep(0.2)
     worker.send_signal(signal.SIGKILL)  # a preempted worker: no chance to clean up
     worker.wait()
@@ -377,3 +385,19 @@ def test_a_killed_sweep_worker_leaves_no_running_trial_and_its_trial_is_retried(
     stale_run = client.get_run(stale.user_attrs["mlflow_run_id"])
     assert stale_run.info.status == "KILLED" and stale_run.data.tags["igdit.state"] == "FAIL"
     assert all(r.info.status != "RUNNING" for r in trials)
+
+
+def test_a_stale_trial_killed_before_it_recorded_its_run_id_still_gets_its_run_closed(tmp_path, digits_root):
+    from igdit.sweeps.report import SweepTracker
+
+    tracker = SweepTracker(SweepSpec.load(_sweep(tmp_path, digits_root)))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
+    trial = study.ask()
+    other = tracker.start_trial(study.ask())
+    orphan = tracker.start_trial(trial)  # the worker dies here, before trial.set_user_attr("mlflow_run_id", ...)
+    tracker.close_stale(study.trials[trial.number])
+
+    client, _ = _runs(tmp_path, "trial")
+    run = client.get_run(orphan)
+    assert run.info.status == "KILLED" and run.data.tags["igdit.state"] == "FAIL"
+    assert client.get_run(other).info.status == "RUNNING"  # another trial's run is left alone

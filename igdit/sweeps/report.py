@@ -63,9 +63,15 @@ class SweepTracker:
         self.client.set_terminated(run_id, status="FAILED" if state == "FAIL" else "FINISHED")
 
     def close_stale(self, trial) -> None:
-        """Close the MLflow run of a trial whose worker died without closing it (the heartbeat found it)."""
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id is not None:
+        """Close the MLflow run of a trial whose worker died without closing it (the heartbeat found it).
+
+        A worker killed between creating the run and recording its id on the trial leaves no user attribute;
+        the run is then found by its tags (parent run and trial number)."""
+        run_ids = [trial.user_attrs["mlflow_run_id"]] if "mlflow_run_id" in trial.user_attrs else [
+            run.info.run_id for run in self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' "
+                                                    f"and tags.`igdit.trial` = '{trial.number}'")]
+        for run_id in run_ids:
             self.client.set_tag(run_id, "igdit.state", "FAIL")
             self.client.set_tag(run_id, "igdit.error", "the worker stopped (killed or preempted); the trial is retried")
             self.client.set_terminated(run_id, status="KILLED")

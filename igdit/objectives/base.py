@@ -123,6 +123,15 @@ class LossTerm(nn.Module):
         if self.stop_step is not None and self.stop_step <= self.start_step:
             raise ConfigError(self.field("stop_step"), self.stop_step, f"must be greater than start_step {self.start_step}")
 
+    def check_block(self, key: str, backbone) -> int:
+        """The field ``key`` (a 1-based block index the term reads) if ``backbone`` has that block; else a
+        one-line ConfigError naming the field and the blocks there are."""
+        block = getattr(self, key)
+        if not 1 <= block <= backbone.depth:
+            raise ConfigError(self.field(key), block, f"blocks are 1-based indices in [1, {backbone.depth}] for "
+                                                      f"{backbone.name} (depth {backbone.depth})")
+        return block
+
     def setup(self, device: torch.device) -> None:
         """Before training: load what the term reads from disk (a frozen teacher) and check it. Default: nothing."""
 

@@ -113,6 +113,8 @@ class IGDiTModule(pl.LightningModule):
                       for key, value in term.frozen_networks().items()}
             if frozen:  # what the frozen networks were loaded from, in place of their weights
                 self.hparams["frozen_networks"] = frozen
+                if self._trainer is not None and self.logger is not None:  # Lightning logs hparams as first saved
+                    self.logger.log_hyperparams({"frozen_networks": frozen})
 
     def training_flops(self, batch_size: int) -> int:
         """FLOPs of one training step's forward + backward on `batch_size` samples, counted on the meta device."""

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import lightning
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,9 +16,9 @@ from igdit.cli import main
 from igdit.commands.fit import load_chain
 from igdit.config import ConfigError, one_line
 from igdit.models.output import DiTOutput
-from igdit.objectives import LossInputs, SelfGuidedLoss, VAEAlignLoss, file_digest
+from igdit.objectives import LossInputs, VAEAlignLoss, file_digest
 
-from helpers import REPO, model_config, tiny_module
+from helpers import REPO, tiny_module
 
 NULL = 10  # the digits model's null label (num_classes)
 
@@ -405,14 +404,14 @@ def _short(source: str, path: Path, max_steps: int, every: int, **terms) -> Path
     return path
 
 
-def _block_features(ckpt: Path, root: Path, block: int, t: float = 0.5):
+def _block_features(ckpt: Path, root: Path, block: int, t: float = 0.5, weights: str = "ema"):
     """Mean-pooled tokens (N, D) after ``block`` of a checkpoint's EMA weights, for every train and val digit,
     at the same x_t (fixed noise, time t) for every model, with the null label: the probe must read the class
     from the image, not from the label embedding."""
     from igdit.checkpoints import load_module
     from igdit.data import LatentDataModule
 
-    module = load_module(ckpt)
+    module = load_module(ckpt, weights=weights)
     data = LatentDataModule(root=str(root))
     out = {}
     for split in ("train", "val"):
@@ -441,3 +440,61 @@ def _probe_accuracy(features) -> float:
     return float(probe.fit(x_train, y_train).score(x_val, y_val))
 
 
+
+
+@pytest.mark.slow
+def test_st_end_to_end_on_digits_trains_both_stages_and_reports_the_probe_against_a_plain_model(
+        digits_root, tmp_path, capsys):
+    """Stage 1 (100 steps) -> stage 2 (200 steps, the guide on for the first 50) through the chain and the real
+    CLI, against the default experiment for the same 200 steps; then the same linear probe on both models'
+    block-3 features (mean-pooled tokens at t = 0.5 with the null label, EMA weights) of the held-out digits.
+
+    The paper's claim, that the student's probe beats the plain model's, does NOT hold reliably at this scale
+    (see the numbers this test prints, and the report of issue 11), so it is reported, not asserted; what is
+    asserted is what ST must do at any scale: the chain hands stage 1's checkpoint to stage 2, the student's run
+    records it, both alignment losses fall while they are on, the guide is off after its stop step, and every
+    model's features carry the class."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    stage1 = _short("st_stage1_digits.yaml", tmp_path / "s1.yaml", 100, 100)
+    stage2 = _short("st_stage2_digits.yaml", tmp_path / "s2.yaml", 200, 200, self_guided={"stop_step": 50})
+    plain = _short("default.yaml", tmp_path / "plain.yaml", 200, 200)
+    chain = _chain(tmp_path, [{"config": stage1.name},
+                              {"config": stage2.name, "previous_checkpoint": "model.terms.self_guided.teacher_ckpt"}])
+    start = time.perf_counter()
+    assert main(_fit_args(chain, digits_root, tmp_path)) == 0
+    seconds = {"chain": time.perf_counter() - start}
+    printed = capsys.readouterr().out
+    start = time.perf_counter()
+    assert main(_fit_args(plain, digits_root, tmp_path)) == 0
+    seconds["plain"] = time.perf_counter() - start
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("igdit-digits")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [run.info.run_name for run in runs[:2]] == ["st-stage1", "st-stage2"] and len(runs) == 3
+    checkpoint = {name: tmp_path / "runs" / "igdit-digits" / run.info.run_id / "checkpoints" / "last.ckpt"
+                  for name, run in zip(("stage1", "student", "plain"), runs)}
+    # the chain handed stage 1's last checkpoint to stage 2, and the student's run says which file it read
+    assert f"stage 1 checkpoint  {checkpoint['stage1']}  (passed to stage 2 as " in printed
+    assert runs[1].data.params["frozen_networks/self_guided.teacher/source"] == str(checkpoint["stage1"])
+    assert runs[1].data.params["frozen_networks/self_guided.teacher/sha256"] == file_digest(checkpoint["stage1"])
+
+    def history(run, key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+    align, guide = history(runs[0], "train/vae_align"), history(runs[1], "train/self_guided")
+    assert align[-1][1] < align[0][1] and guide[-1][1] < guide[0][1]  # both alignments learn while they are on
+    assert max(step for step, _ in guide) < 50 and max(step for step, _ in history(runs[1], "train/diffusion")) > 150
+    assert all(math.isfinite(run.data.metrics["train/loss"]) for run in runs)
+
+    probe = {name: _probe_accuracy(_block_features(path, digits_root, 3)) for name, path in checkpoint.items()}
+    fd = {name: run.data.metrics["fd_digits/none"] for name, run in zip(checkpoint, runs)}
+    assert all(accuracy > 0.2 for accuracy in probe.values())  # ten classes: chance is 0.1
+    with capsys.disabled():
+        print("\nST on digits (stage 1 100 steps, stage 2 / plain 200 steps): block-3 linear probe "
+              + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()) + "; fd_digits/none "
+              + ", ".join(f"{k} {v:.1f}" for k, v in fd.items())
+              + f"; seconds chain {seconds['chain']:.0f}, plain {seconds['plain']:.0f}")

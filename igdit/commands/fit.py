@@ -57,8 +57,8 @@ def main(argv: list[str] | None) -> int:
         run_lightning_cli(argv)
         return 0
     if args[0] != "fit":
-        raise ConfigError("--config", chain_file, "is a chain of stages, which only `igdit fit` runs; "
-                                                  f"`igdit {args[0]}` one of its stage experiments")
+        raise ConfigError("--config", chain_file, f"is a chain of stages, which only `igdit fit` runs; "
+                                                  f"`igdit {args[0]}` takes one of its stage experiments")
     common = [a for a in args[1:] if a != chain_file and not a.startswith("--config")]
     printing = [a for a in common if a.startswith("--print_config")]
     common = [a for a in common if not a.startswith("--print_config")]
@@ -66,12 +66,21 @@ def main(argv: list[str] | None) -> int:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     stages = load_chain(chain_file, common, build_stages=not printing)  # printing needs no data, as for one experiment
     if printing:
-        print(yaml.safe_dump({"stages": [
-            {"config": str(path), **({"previous_checkpoint": stage.previous_checkpoint} if stage.previous_checkpoint
-                                     else {}), "experiment": experiment_config(str(path), stage_args)}
-            for stage, path, stage_args in stages]}, sort_keys=False), end="")
+        print_chain(stages)
         return 0
     return run_chain(stages)
+
+
+def print_chain(stages: list[tuple[Stage, Path, list[str]]]) -> None:
+    """Every stage's resolved config as `--print_config` prints one experiment (the checkpoint that a stage
+    receives from the previous one shows as a placeholder)."""
+    printed = []
+    for stage, path, args in stages:
+        entry = {"config": str(path)}
+        if stage.previous_checkpoint is not None:
+            entry["previous_checkpoint"] = stage.previous_checkpoint
+        printed.append(entry | {"experiment": experiment_config(str(path), args)})
+    print(yaml.safe_dump({"stages": printed}, sort_keys=False), end="")
 
 
 def _chain_file(args: list[str]) -> Optional[str]:

@@ -27,8 +27,9 @@ else
 LAUNCH    := $(BIN)/igdit
 DIST_ARGS :=
 endif
-# Only the default experiment trains on the digits shards `make data` builds; the paper configs name their own.
-TRAIN_DATA := $(if $(filter experiments/default.yaml,$(CONFIG)),data,)
+# The default experiment and the other *_digits.yaml ones train on the digits shards `make data` builds; the
+# paper configs name their own.
+TRAIN_DATA := $(if $(filter experiments/default.yaml experiments/%_digits.yaml,$(CONFIG)),data,)
 
 .PHONY: help venv data train sweep reproduce test test-fast bench clean-venv
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
@@ -123,12 +124,24 @@ class _ParseOnly(IGDiTCLI):
         pass
 
 
+def _parse_only(config: str, overrides: list[str] = ()) -> _ParseOnly:
+    return _ParseOnly(IGDiTModule, LatentDataModule, args=["--config", config, *overrides], run=False,
+                      save_config_callback=None, parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+                      auto_configure_optimizers=False)
+
+
 def parse_experiment(config: str, overrides: list[str] = ()):
     """The experiment ``config`` with ``overrides``, parsed and validated exactly as `igdit fit` does, but nothing
     built (no model, no MLflow run): a jsonargparse Namespace with ``model``, ``data``, ``trainer``, ..."""
-    return _ParseOnly(IGDiTModule, LatentDataModule, args=["--config", config, *overrides], run=False,
-                      save_config_callback=None, parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
-                      auto_configure_optimizers=False).config
+    return _parse_only(config, overrides).config
+
+
+def experiment_config(config: str, overrides: list[str] = ()) -> dict:
+    """The experiment as `igdit fit --config <config> <overrides> --print_config` prints it, as a plain dict."""
+    cli = _parse_only(config, overrides)
+    printed = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    printed.pop("config", None)  # the file it came from, which the caller names itself
+    return printed
 
 
 def resolve_resume(config) -> Optional[str]:

@@ -131,6 +131,8 @@ class IGDiTModule(pl.LightningModule):
                       for key, value in term.frozen_networks().items()}
             if frozen:  # what the frozen networks were loaded from, in place of their weights
                 self.hparams["frozen_networks"] = frozen
+                if self._trainer is not None and self.logger is not None:  # Lightning logs hparams as first saved
+                    self.logger.log_hyperparams({"frozen_networks": frozen})
 
     def _averaging(self) -> Optional[WeightAveraging]:
         """The trainer's weight-averaging callback (EMAWeightAveraging), if any."""

@@ -234,13 +234,35 @@ def test_an_invalid_sweep_file_gets_a_one_line_error_naming_the_field(change, fi
 
 def test_the_shipped_sweeps_load_and_name_their_base_experiment(monkeypatch):
     monkeypatch.chdir(REPO)  # paths in sweep files are relative to the repository root, where make runs
+    # every sweep searches the default experiment unless it studies a method with its own experiment
+    bases = {"st_ablation_digits.yaml": "experiments/st_stage2_digits.yaml",
+             "ig_accel_omega_digits.yaml": "experiments/ig_accel_digits.yaml"}
     for path in sorted(Path("sweeps").glob("*.yaml")):
         spec = SweepSpec.load(str(path))
-        assert spec.base == "experiments/default.yaml" and spec.n_trials >= 8
+        assert spec.base == bases.get(path.name, "experiments/default.yaml") and spec.n_trials >= 8
     grid = SweepSpec.load("sweeps/ig_cfg_guidance.yaml")
     assert grid.is_grid() and grid.n_trials == 24
     layer = SweepSpec.load("sweeps/ig_layer.yaml")
     assert layer.kind == "training" and layer.evaluation_callback().every_n_steps == 200
+    accel = SweepSpec.load("sweeps/ig_accel_omega_digits.yaml")
+    omegas = accel.search_space["model.terms.ig_accel.omega"].grid
+    assert accel.is_grid() and accel.n_trials == len(omegas) == 8 and 0.0 in omegas and max(omegas) < 1
+
+
+def test_the_st_ablation_searches_table_5s_knobs_over_the_teachers_the_teacher_run_writes(monkeypatch):
+    """Every teacher the sweep can draw is a checkpoint experiments/st_stage1_teachers_digits.yaml writes."""
+    monkeypatch.chdir(REPO)
+    spec = SweepSpec.load("sweeps/st_ablation_digits.yaml")
+    knobs = {path.rsplit(".", 1)[-1] for path in spec.search_space}
+    assert knobs == {"teacher_block", "student_block", "omega", "weight", "teacher_ckpt"}
+    teachers = yaml.safe_load(Path("experiments/st_stage1_teachers_digits.yaml").read_text())
+    keeper = next(c["init_args"] for c in teachers["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {}))
+    written = {f"{keeper['dirpath']}/{keeper['filename'].replace('{step}', f'step={step}')}.ckpt"
+               for step in range(keeper["every_n_train_steps"], teachers["trainer"]["max_steps"] + 1,
+                                 keeper["every_n_train_steps"])}
+    assert set(spec.search_space["model.terms.self_guided.teacher_ckpt"].choices) == written
+    stage1 = yaml.safe_load(Path("experiments/st_stage1_digits.yaml").read_text())
+    assert teachers["model"] == stage1["model"]  # the same stage 1, only trained longer
 
 
 def test_a_sampling_sweep_without_a_checkpoint_says_how_to_get_one(tmp_path, digits_root):
@@ -336,8 +358,8 @@ def test_a_killed_sweep_worker_leaves_no_running_trial_and_its_trial_is_retried(
     import sys
     import time
 
-    base = _base(tmp_path, digits_root, num_samples=200, steps=6)
     path = _sweep(tmp_path, digits_root, study__n_trials=4, study__heartbeat_interval=1, study__grace_period=2)
+    base = _base(tmp_path, digits_root, name="slow_base.yaml", num_samples=500, steps=20)  # trials long enough to kill
     raw = yaml.safe_load(path.read_text())
     raw["base"] = str(base)
     path.write_text(yaml.safe_dump(raw))

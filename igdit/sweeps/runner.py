@@ -19,11 +19,11 @@ from igdit.sweeps.spec import SweepSpec
 def study_storage(spec: SweepSpec, tracker: SweepTracker):
     """The study's storage. A database gets Optuna's heartbeat: a trial whose worker was killed (preemption, OOM
     killer) stops beating, is marked failed when any worker next starts a trial, its MLflow run is closed as
-    KILLED, and RetryFailedTrialCallback queues its parameters again; without it such a trial stays RUNNING for
+    KILLED, and RetryHeartbeatStaleTrialCallback queues its parameters again; without it such a trial stays RUNNING for
     ever. Other storages (a journal file) are used as given."""
     if not spec.storage.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
         return spec.storage
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=spec.max_retry)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry)  # its old name is deprecated
 
     def close_and_retry(study, trial) -> None:
         tracker.close_stale(trial)

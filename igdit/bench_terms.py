@@ -37,7 +37,13 @@ DIGITS_ARMS: dict[str, tuple[str, list[str]]] = {
     "sra": ("experiments/sra_digits.yaml", []),
     "layersync": ("experiments/layersync_digits.yaml", []),
     "dispersive": ("experiments/dispersive_digits.yaml", []),
+    "ig_accel (replaces the diffusion loss)": ("experiments/ig_accel_digits.yaml", []),
+    "st stage 1 (vae_align)": ("experiments/st_stage1_digits.yaml", []),
+    # while the guide is on (the first stop_step steps); its teacher: a checkpoint of stage 1, made by the bench
+    "st stage 2 (self_guided)": ("experiments/st_stage2_digits.yaml", ["--model.terms.self_guided.teacher_ckpt",
+                                                                      "{stage1_checkpoint}"]),
 }
+STAGE1 = "experiments/st_stage1_digits.yaml"
 
 
 class _StepTimer(pl.Callback):
@@ -67,7 +73,7 @@ def _fit(config: str, extra: list[str], data_root: str, scratch: Path, steps: in
                             run=False)
     timer = _StepTimer()
     cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, weights_only=True)
     return cli, timer.seconds[2:]
 
 
@@ -90,6 +96,10 @@ def digits_step_costs(data_root: str, arms: Optional[dict] = None, rounds: int =
     flops: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="igdit-bench-terms-") as scratch:
         _fit(*arms["plain"], data_root, Path(scratch) / "warm-up", 4)  # first-use costs (threads, allocator) go here
+        teacher = Path(scratch) / "stage1.ckpt"  # its weights do not change what a step costs
+        _fit(STAGE1, [], data_root, Path(scratch) / "stage1", 2)[0].trainer.save_checkpoint(teacher)
+        arms = {name: (config, [a.replace("{stage1_checkpoint}", str(teacher)) for a in extra])
+                for name, (config, extra) in arms.items()}
         for round_ in range(rounds):
             for name, (config, extra) in arms.items():
                 cli, seconds = _fit(config, extra, data_root, Path(scratch) / f"{round_}-{len(flops)}", steps)
@@ -117,13 +127,20 @@ def _sit_flops(size: str, **forward) -> int:
 
 def paper_scale_extra_flops(teacher_blocks: dict[str, dict[str, int]] | None = None) -> dict:
     """GFLOPs per training sample of each term's extra networks at 256 px (4x32x32 SD-VAE latents), against one
-    student forward. teacher_blocks: {term: {size: block its teacher stops after}} (SRA: 8 of B/2's 12 and 20 of
-    XL/2's 28, SELF_TRANSCENDENCE.md §3)."""
-    teacher_blocks = teacher_blocks or {"sra teacher (EMA, stops after its block)": {"B/2": 8, "XL/2": 20}}
+    student forward. teacher_blocks: {term: {size: block its teacher stops after, or (block, passes)}} (SRA: 8 of
+    B/2's 12 and 20 of XL/2's 28, SELF_TRANSCENDENCE.md §3; ST: 8 and 19, two passes for feature CFG)."""
+    teacher_blocks = teacher_blocks or {
+        "sra teacher (EMA, stops after its block)": {"B/2": 8, "XL/2": 20},
+        # two passes (conditional and null label) per sample whose t is in [0.4, 0.7], while the guide is on
+        "self-transcendence teacher, per guided sample (2 passes, stop after block m)": {"B/2": (8, 2),
+                                                                                         "XL/2": (19, 2)}}
     forward = {size: _sit_flops(size) for size in ("B/2", "XL/2")}
     rows = {}
     for name, blocks in teacher_blocks.items():
-        rows[name] = {size: _sit_flops(size, hidden=(block,), stop_after=block) for size, block in blocks.items()}
+        rows[name] = {}
+        for size, block in blocks.items():
+            block, passes = block if isinstance(block, tuple) else (block, 1)
+            rows[name][size] = passes * _sit_flops(size, hidden=(block,), stop_after=block)
     encoders = {"dinov2 ViT-B/14 at 224 px (REPA)": _dinov2_flops(), "SD-VAE decoder, 32x32x4 -> 256x256 (REPA's "
                 "clean images from latent shards)": _sd_vae_decoder_flops()}
     for name, value in encoders.items():

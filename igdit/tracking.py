@@ -37,6 +37,20 @@ def open_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
 
 
+def open_experiment(tracking_uri: Optional[str], name: str):
+    """(client, experiment id) of the MLflow experiment ``name`` in ``tracking_uri`` (None: the default store, whose
+    artifacts go beside it), created if it does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    open_store(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    return client, client.create_experiment(name, artifact_location=None if tracking_uri else default_artifact_location())
+
+
 def unique_run_name(experiment: str) -> str:
     """A run name no other run shares (MLflow's generated names come from the global random module, which a seeded
     run reseeds, so every run of a seeded experiment would get the same one)."""

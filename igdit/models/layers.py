@@ -6,6 +6,7 @@ with ``load_state_dict(strict=True)``. Attention, MLP and patch embedding are ti
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -129,3 +130,28 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
     return torch.cat([one_axis(grid_w), one_axis(grid_h)], dim=1).float()
+
+
+def init_dit_weights(model: nn.Module, zero_heads: Iterable[nn.Module]) -> None:
+    """The official DiT/SiT init that SiT and LightningDiT share: xavier-uniform Linears with zero biases, the fixed
+    sin-cos position embedding, the patch embedding initialised like a Linear, N(0, 0.02) label and timestep
+    embeddings, adaLN-Zero blocks (each starts as the identity), and ``zero_heads`` (FinalLayers) that output 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    model.pos_embed.data.copy_(get_2d_sincos_pos_embed(model.hidden_size, model.grid_size).unsqueeze(0))
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for head in zero_heads:
+        nn.init.zeros_(head.adaLN_modulation[-1].weight)
+        nn.init.zeros_(head.adaLN_modulation[-1].bias)
+        nn.init.zeros_(head.linear.weight)
+        nn.init.zeros_(head.linear.bias)

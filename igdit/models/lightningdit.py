@@ -25,7 +25,7 @@ from timm.layers import Mlp, PatchEmbed
 
 from igdit.config import ConfigError
 from igdit.models.base import Backbone, check_exits, exit_head_name, size_of
-from igdit.models.layers import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from igdit.models.layers import LabelEmbedder, TimestepEmbedder, init_dit_weights, modulate
 
 WIDTHS = {
     "T": dict(depth=6, hidden_size=128, num_heads=4),  # not official: small models for tests and digits
@@ -281,33 +281,15 @@ class LightningDiT(Backbone):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Official LightningDiT init: xavier linears, sin-cos pos_embed, zero adaLN in blocks, zero final head.
+        """Official LightningDiT init: the DiT/SiT one (``init_dit_weights``) with only ``final_layer`` zeroed.
 
         The exit heads keep their xavier init unless ``xr_init == "zero"`` (the official LightningDiT+IG code
         zeroes only ``final_layer``).
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
-        w = self.x_embedder.proj.weight.data  # patch embedding initialised like a Linear
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
         zeroed = [self.final_layer]
         if self.xr_init == "zero":
             zeroed += [self.exit_head(i) for i in self.exit_indices]
-        for head in zeroed:
-            nn.init.zeros_(head.adaLN_modulation[-1].weight)
-            nn.init.zeros_(head.adaLN_modulation[-1].bias)
-            nn.init.zeros_(head.linear.weight)
-            nn.init.zeros_(head.linear.bias)
+        init_dit_weights(self, zeroed)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W), t: (N,) in LightningDiT's time (**0 = noise**), y: (N,) long.

@@ -14,7 +14,7 @@ from timm.layers import PatchEmbed
 
 from igdit.config import ConfigError
 from igdit.models.base import Backbone, check_exits, exit_head_name, size_of
-from igdit.models.layers import FinalLayer, LabelEmbedder, SiTBlock, TimestepEmbedder, get_2d_sincos_pos_embed
+from igdit.models.layers import FinalLayer, LabelEmbedder, SiTBlock, TimestepEmbedder, init_dit_weights
 
 WIDTHS = {
     "T": dict(depth=6, hidden_size=128, num_heads=4),
@@ -81,26 +81,8 @@ class SiT(Backbone):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Official DiT/SiT init: xavier linears, sin-cos pos_embed, zero adaLN and zero output heads."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
-        w = self.x_embedder.proj.weight.data  # patch embedding initialised like a Linear
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for head in [self.final_layer, *(self.exit_head(i) for i in self.exit_indices)]:  # heads output 0
-            nn.init.zeros_(head.adaLN_modulation[-1].weight)
-            nn.init.zeros_(head.adaLN_modulation[-1].bias)
-            nn.init.zeros_(head.linear.weight)
-            nn.init.zeros_(head.linear.bias)
+        """Official DiT/SiT init (``init_dit_weights``); every output head, exit heads included, starts at 0."""
+        init_dit_weights(self, [self.final_layer, *(self.exit_head(i) for i in self.exit_indices)])
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens plus the fixed position embedding (N, T, D); c = t_emb + y_emb (N, D)."""

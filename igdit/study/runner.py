@@ -19,7 +19,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
 
 from igdit.checkpoints import load_module
 from igdit.data import LatentDataModule
@@ -30,7 +29,7 @@ from igdit.metrics.evaluate import FrechetEvaluator, evaluate_settings
 from igdit.study.claims import CLAIMS, Results
 from igdit.study.report import write_report
 from igdit.study.spec import StudySpec, resolve_references
-from igdit.tracking import default_artifact_location, default_tracking_uri, open_store
+from igdit.tracking import default_tracking_uri, open_experiment
 
 
 class Study:
@@ -41,11 +40,7 @@ class Study:
         self.folder = spec.results
         self.folder.mkdir(parents=True, exist_ok=True)
         self.uri = spec.tracking_uri or default_tracking_uri()
-        open_store(self.uri)
-        self.client = MlflowClient(self.uri)
-        experiment = self.client.get_experiment_by_name(spec.mlflow_experiment)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            spec.mlflow_experiment, artifact_location=None if spec.tracking_uri else default_artifact_location())
+        self.client, self.experiment_id = open_experiment(spec.tracking_uri, spec.mlflow_experiment)
         self.parent_id = self._parent_run()
         self.records: dict[tuple[str, int], dict] = {}
         self._evaluator: Optional[FrechetEvaluator] = None

@@ -7,10 +7,9 @@ from typing import Optional
 
 import optuna
 from mlflow.entities import Param
-from mlflow.tracking import MlflowClient
 
 from igdit.sweeps.spec import SweepSpec
-from igdit.tracking import default_artifact_location, default_tracking_uri, open_store
+from igdit.tracking import default_tracking_uri, open_experiment
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -23,11 +22,7 @@ class SweepTracker:
 
     def __init__(self, spec: SweepSpec):
         self.uri = spec.tracking_uri or default_tracking_uri()
-        open_store(self.uri)
-        self.client = MlflowClient(self.uri)
-        experiment = self.client.get_experiment_by_name(spec.mlflow_experiment)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            spec.mlflow_experiment, artifact_location=None if spec.tracking_uri else default_artifact_location())
+        self.client, self.experiment_id = open_experiment(spec.tracking_uri, spec.mlflow_experiment)
         self.spec = spec
         self.parent_id = self._parent_run()
 

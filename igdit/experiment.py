@@ -7,6 +7,7 @@ Any config field can be overridden on the command line with its dotted path, e.g
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -104,9 +105,8 @@ def run_summary(trainer) -> str:
 
 def run_lightning_cli(argv: list[str] | None, run: bool = True) -> IGDiTCLI:
     """Build (and by default run) the LightningCLI on `argv`; a sweep trial and `igdit eval` reuse this path."""
-    return IGDiTCLI(
-        IGDiTModule,
-        LatentDataModule,
+    return _build_cli(
+        IGDiTCLI,
         args=argv,
         run=run,
         save_config_callback=RunConfigSaver,
@@ -125,9 +125,17 @@ class _ParseOnly(IGDiTCLI):
 
 
 def _parse_only(config: str, overrides: list[str] = ()) -> _ParseOnly:
-    return _ParseOnly(IGDiTModule, LatentDataModule, args=["--config", config, *overrides], run=False,
-                      save_config_callback=None, parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+    return _build_cli(_ParseOnly, args=["--config", config, *overrides], run=False, save_config_callback=None,
+                      parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                       auto_configure_optimizers=False)
+
+
+def _build_cli(cli_class: type[IGDiTCLI], **kwargs) -> IGDiTCLI:
+    with warnings.catch_warnings():
+        # Lightning warns when args are given while sys.argv holds others; igdit parses what a sweep trial, a chain
+        # stage or a study run gives it on purpose, so the warning would only be noise on every such command.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli_class(IGDiTModule, LatentDataModule, **kwargs)
 
 
 def parse_experiment(config: str, overrides: list[str] = ()):

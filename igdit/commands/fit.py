@@ -19,7 +19,6 @@ Overrides given after --config go to every stage. Every stage is parsed and buil
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -82,8 +81,6 @@ def main(argv: list[str] | None) -> int:
     common = [a for a in args[1:] if a != chain_file and not a.startswith("--config")]
     printing = [a for a in common if a.startswith("--print_config")]
     common = [a for a in common if not a.startswith("--print_config")]
-    # Each stage passes its own arguments to the Lightning CLI, which warns that sys.argv holds others (the chain's).
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     stages = load_chain(chain_file, common, build_stages=not printing)  # printing needs no data, as for one experiment
     if printing:
         print_chain(stages)

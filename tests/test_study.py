@@ -84,3 +84,19 @@ def test_a_study_file_is_checked_when_it_loads(tmp_path, digits_root, monkeypatc
     assert spec.arm_steps("st_teacher") == spec.steps // 2 and len(spec.seeds) >= 3
     quick = StudySpec.load("experiments/studies/reproduce.yaml", quick=True)
     assert "st_teacher" in quick.arms and len(quick.seeds) == 1
+
+
+def test_a_study_trains_seed_by_seed_and_a_first_pass_over_some_seeds_lands_where_the_whole_study_reads(
+        tmp_path, digits_root, monkeypatch):
+    from igdit.study.runner import Study
+
+    path = str(_study(tmp_path, digits_root, seeds=[0, 1, 2]))
+    with pytest.raises(ConfigError, match=r"^--seeds"):
+        StudySpec.load(path, seeds=[3])
+    first, whole = StudySpec.load(path, seeds=[1]), StudySpec.load(path)
+    assert first.seeds == [1] and first.results == whole.results  # the same runs folder: read back later
+    trained = []
+    monkeypatch.setattr(Study, "train", lambda self, arm, seed: trained.append((arm, seed)) or {})
+    Study(whole).train_all()
+    # every arm with seed 0 before any arm with seed 1: a study stopped early already covers every arm
+    assert trained == [(arm, seed) for seed in (0, 1, 2) for arm in whole.arms]

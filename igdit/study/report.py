@@ -80,10 +80,13 @@ def write_report(study, claims: list[Claim], seconds: float) -> Path:
     spec, folder = study.spec, study.folder
     plots = {claim.key: plot_claim(claim, folder / "plots") for claim in claims}
     e, p = spec.evaluation, spec.probe
+    command = f"igdit reproduce {spec.path}{' --quick' if spec.quick else ''}" + (
+        f" --seeds '{spec.seeds}'" if spec.seeds_subset else "")
     lines = [f"# Reproduction: {spec.name} ({'quick' if spec.quick else 'full'} study)", "",
-             f"Written by `igdit reproduce {spec.path}{' --quick' if spec.quick else ''}` on "
+             f"Written by `{command}` on "
              f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {seconds / 60:.0f} min of wall time for this session "
-             "(runs finished in earlier sessions are read back, not redone). Every number and plot below comes from "
+             f"(runs finished in earlier sessions are read back, not redone; the {len(study.records)} training runs "
+             f"took {sum(r['seconds'] for r in study.records.values()) / 60:.0f} min in all). Every number and plot below comes from "
              "the runs; rerunning regenerates them.", "",
              "**Protocol.** Data: the digits of scikit-learn (8×8, pixel space), base experiment "
              f"`{spec.base}` (SiT-T/2 and its options); {len(spec.seeds)} seed(s) per arm ({', '.join(map(str, spec.seeds))}: "

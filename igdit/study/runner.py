@@ -66,8 +66,9 @@ class Study:
         return self.folder / "runs" / f"{arm}-seed{seed}"
 
     def train_all(self) -> None:
-        for arm in self.spec.arms:
-            for seed in self.spec.seeds:
+        """Seed by seed, so that a study stopped early already covers every arm (arms in dependency order)."""
+        for seed in self.spec.seeds:
+            for arm in self.spec.arms:
                 self.records[(arm, seed)] = self.train(arm, seed)
 
     def train(self, arm: str, seed: int) -> dict:

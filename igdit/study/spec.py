@@ -99,7 +99,7 @@ class StudyFile:
 class StudySpec:
     """A loaded, validated study file; ``quick=True`` applies its ``quick`` section."""
 
-    def __init__(self, path: str, file: StudyFile, quick: bool = False):
+    def __init__(self, path: str, file: StudyFile, quick: bool = False, seeds: Optional[list[int]] = None):
         self.path, self.quick = str(path), quick
         if not Path(file.base).is_file():
             raise ConfigError("base", file.base, "expected the path of an experiment YAML, e.g. experiments/default.yaml")
@@ -109,6 +109,12 @@ class StudySpec:
         self.name, self.base, self.results = file.name, file.base, Path(file.results) / ("quick" if quick else "full")
         # plain ints (the parser's restricted types do not survive yaml.safe_dump into a run's config)
         self.seeds = [int(s) for s in (q.seeds or file.seeds)]
+        if seeds:  # a first pass over some of the seeds; the runs land where the whole study reads them back
+            unknown = [s for s in seeds if s not in self.seeds]
+            if unknown or len(set(seeds)) != len(seeds):
+                raise ConfigError("--seeds", seeds, f"expected distinct seeds of the study's {self.seeds}")
+            self.seeds = [int(s) for s in seeds]
+        self.seeds_subset = bool(seeds)
         self.steps, self.evaluate_every = int(q.steps or file.steps), int(q.evaluate_every or file.evaluate_every)
         self.evaluation, self.probe = file.evaluation, file.probe
         if q.num_samples:
@@ -125,7 +131,7 @@ class StudySpec:
             raise ConfigError("steps", self.steps, f"must be a multiple of evaluate_every ({self.evaluate_every})")
 
     @classmethod
-    def load(cls, path: str, quick: bool = False) -> "StudySpec":
+    def load(cls, path: str, quick: bool = False, seeds: Optional[list[int]] = None) -> "StudySpec":
         if not Path(path).is_file():
             raise ConfigError("study", path, "is not a file; pass a study definition such as experiments/studies/reproduce.yaml")
         raw = yaml.safe_load(Path(path).read_text())
@@ -145,7 +151,7 @@ class StudySpec:
         file = build(StudyFile, raw | {"arms": arms})
         for name, arm in file.arms.items():  # the changes stay plain YAML values (the parser would build parts)
             arm.set = copy.deepcopy(changes[name])
-        return cls(path, file, quick)
+        return cls(path, file, quick, seeds)
 
     def arm_steps(self, name: str) -> int:
         """The arm's training steps: its budget share of ``steps``, in whole evaluation intervals (at least one)."""

@@ -48,7 +48,8 @@ def open_experiment(tracking_uri: Optional[str], name: str):
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return client, experiment.experiment_id
-    return client, client.create_experiment(name, artifact_location=None if tracking_uri else default_artifact_location())
+    artifacts = None if tracking_uri else default_artifact_location()
+    return client, client.create_experiment(name, artifact_location=artifacts)
 
 
 def unique_run_name(experiment: str) -> str:

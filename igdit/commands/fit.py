@@ -14,7 +14,8 @@ its fields. The chain file holds nothing else:
         previous_checkpoint: model.terms.self_guided.teacher_ckpt
         overrides: []                                          # this stage's own command-line overrides
 
-Overrides given after --config go to every stage. Every stage is parsed and built (its model on the meta device) before the first one trains.
+Overrides given after --config go to every stage. Every stage is parsed and built (its model on the meta device)
+before the first one trains.
 """
 from __future__ import annotations
 

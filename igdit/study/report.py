@@ -86,10 +86,11 @@ def write_report(study, claims: list[Claim], seconds: float) -> Path:
              f"Written by `{command}` on "
              f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {seconds / 60:.0f} min of wall time for this session "
              f"(runs finished in earlier sessions are read back, not redone; the {len(study.records)} training runs "
-             f"took {sum(r['seconds'] for r in study.records.values()) / 60:.0f} min in all). Every number and plot below comes from "
-             "the runs; rerunning regenerates them.", "",
+             f"took {sum(r['seconds'] for r in study.records.values()) / 60:.0f} min in all). Every number and plot "
+             "below comes from the runs; rerunning regenerates them.", "",
              "**Protocol.** Data: the digits of scikit-learn (8×8, pixel space), base experiment "
-             f"`{spec.base}` (SiT-T/2 and its options); {len(spec.seeds)} seed(s) per arm ({', '.join(map(str, spec.seeds))}: "
+             f"`{spec.base}` (SiT-T/2 and its options); {len(spec.seeds)} seed(s) per arm "
+             f"({', '.join(map(str, spec.seeds))}: "
              f"model init, data order and sampling noise); {spec.steps} training steps (helpers as listed), evaluated "
              f"every {spec.evaluate_every}. Fréchet distance `fd_digits` (a small CNN trained on the training split; "
              f"not Inception FID) of K = {e.num_samples} class-balanced samples against the training split, sampler "

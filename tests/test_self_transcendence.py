@@ -461,6 +461,7 @@ def _probe_accuracy(features) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three short trainings; 3-4 min alone on 2 cores, longer on a busy machine
 def test_st_end_to_end_on_digits_trains_both_stages_and_reports_the_probe_against_a_plain_model(
         digits_root, tmp_path, capsys):
     """Stage 1 (100 steps) -> stage 2 (200 steps, the guide on for the first 50) through the chain and the real

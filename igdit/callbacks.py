@@ -304,9 +304,11 @@ class Checkpoint(ModelCheckpoint):
 class DivergenceGuard(pl.Callback):
     """Stops a run that diverges, keeping the last good checkpoint and naming it.
 
-    A loss above ``factor`` times its running median (over the last ``window`` steps) for ``patience`` steps in a
-    row stops training with a one-line message (a non-finite loss stops at once, in the module, before the
-    weights are touched). Checkpoints written while the loss was running away are not the last good one.
+    A loss more than (``factor`` - 1) x |median| above its running median (over the last ``window`` steps) for
+    ``patience`` steps in a row stops training with a one-line message: above ``factor`` x the median for the
+    usual positive loss, and still a rise, not a fall, when terms make the loss negative (the dispersive loss is a
+    log-mean-exp <= 0). A non-finite loss stops at once, in the module, before the weights are touched.
+    Checkpoints written while the loss was running away are not the last good one.
     """
 
     def __init__(self, factor: PositiveFloat = 10.0, patience: PositiveInt = 20, window: PositiveInt = 200,
@@ -323,12 +325,13 @@ class DivergenceGuard(pl.Callback):
         value = float(loss.detach())
         if len(self.history) >= min(self.window, max(self.warmup_steps, 1)):
             median = float(np.median(self.history[-self.window:]))
-            self.above = self.above + 1 if value > self.factor * median else 0
+            limit = median + (self.factor - 1) * abs(median)
+            self.above = self.above + 1 if value > limit else 0
             if self.above >= self.patience:
                 raise TrainingStopped(
-                    f"training diverged at step {trainer.global_step}: loss {value:.4g} stayed above {self.factor:g} x "
-                    f"its running median {median:.4g} for {self.patience} steps; "
-                    + last_good_checkpoint(trainer, self.good_checkpoint))
+                    f"training diverged at step {trainer.global_step}: loss {value:.4g} stayed above {limit:.4g} "
+                    f"(its running median {median:.4g} + {self.factor:g} - 1 times its size) for {self.patience} "
+                    "steps; " + last_good_checkpoint(trainer, self.good_checkpoint))
         if self.above == 0:  # only steps that look healthy enter the median
             self.history = (self.history + [value])[-self.window:]
             checkpoint = trainer.checkpoint_callback

@@ -87,8 +87,9 @@ def claim_exit_head_speeds_up_training(r: Results) -> Claim:
     c.rows = [["arm", f"FD without guidance at step {r.final_step('plain')}", "seeds"], _row("plain", plain),
               _row("+ exit loss (λ 0.5, block 2)", head)]
     c.measured = f"FD {estimate(plain)} → {estimate(head)}; difference {_fmt(comparison)}"
-    c.notes.append(f"The +exit-loss arm first reaches the plain model's final FD ({target:.3g}) at step "
-                   f"{reached if reached is not None else 'never (within the budget)'} of {r.final_step('plain')}.")
+    c.notes.append(f"The +exit-loss arm first reaches the plain model's final FD ({target:.3g}) at step {reached} of "
+                   f"{r.final_step('plain')}." if reached is not None else f"The +exit-loss arm does not reach the "
+                   f"plain model's final FD ({target:.3g}) within the {r.final_step('plain')} steps.")
     c.verdict = comparison.verdict
     return c
 

@@ -337,7 +337,7 @@ def _chain(tmp_path, stages) -> Path:
 def test_the_shipped_chain_passes_stage1s_last_checkpoint_to_the_stage2_teacher(digits_root):
     common = ["--data.root", str(digits_root)]
     stages = load_chain(str(REPO / "experiments/st_digits.yaml"), common)
-    assert [path.name for _, path, _ in stages] == ["st_stage1_digits.yaml", "st_stage2_digits.yaml"]
+    assert [s.path.name for s in stages] == ["st_stage1_digits.yaml", "st_stage2_digits.yaml"]
     assert stages[0][2] == common
     assert stages[1][2] == [*common, "--model.terms.self_guided.teacher_ckpt", "<last checkpoint of stage 1>"]
 

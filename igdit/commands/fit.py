@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import yaml
@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from igdit.config import ConfigError, build, one_line
 from igdit.data import LatentDataModule
-from igdit.experiment import experiment_config, parse_experiment, run_lightning_cli
+from igdit.experiment import experiment_config, run_lightning_cli
 from igdit.module import build_module
 
 PLACEHOLDER = "<last checkpoint of stage {}>"
@@ -50,6 +50,16 @@ class Stage:
 @dataclass
 class Chain:
     stages: list[Stage]
+
+
+class LoadedStage(NamedTuple):
+    """A stage of a loaded chain: its experiment file, its full overrides (the previous stage's checkpoint as a
+    placeholder) and its resolved config, as `--print_config` prints it."""
+
+    stage: Stage
+    path: Path
+    args: list[str]
+    config: dict
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -89,15 +99,15 @@ def main(argv: list[str] | None) -> int:
     return run_chain(stages)
 
 
-def print_chain(stages: list[tuple[Stage, Path, list[str]]]) -> None:
+def print_chain(stages: list[LoadedStage]) -> None:
     """Every stage's resolved config as `--print_config` prints one experiment (the checkpoint that a stage
     receives from the previous one shows as a placeholder)."""
     printed = []
-    for stage, path, args in stages:
+    for stage, path, _, config in stages:
         entry = {"config": str(path)}
         if stage.previous_checkpoint is not None:
             entry["previous_checkpoint"] = stage.previous_checkpoint
-        printed.append(entry | {"experiment": experiment_config(str(path), args)})
+        printed.append(entry | {"experiment": config})
     print(yaml.safe_dump({"stages": printed}, sort_keys=False), end="")
 
 
@@ -119,10 +129,9 @@ def _is_chain(path: str) -> bool:
     return isinstance(raw, dict) and "stages" in raw
 
 
-def load_chain(path: str, common: list[str], build_stages: bool = True) -> list[tuple[Stage, Path, list[str]]]:
-    """The chain's stages, each with its experiment path and its full overrides (the previous checkpoint as a
-    placeholder), every stage parsed as `igdit fit` will parse it and (``build_stages``) built; one-line
-    ConfigErrors naming the entry."""
+def load_chain(path: str, common: list[str], build_stages: bool = True) -> list[LoadedStage]:
+    """The chain's stages, every one parsed once as `igdit fit` will parse it and (``build_stages``) built;
+    one-line ConfigErrors naming the entry."""
     folder = Path(path).parent
     chain = build(Chain, yaml.safe_load(Path(path).read_text()))
     if not chain.stages:
@@ -141,40 +150,38 @@ def load_chain(path: str, common: list[str], build_stages: bool = True) -> list[
                 raise ConfigError(f"{key}.previous_checkpoint", stage.previous_checkpoint,
                                   "the first stage has no previous stage")
             args += [f"--{stage.previous_checkpoint}", PLACEHOLDER.format(i)]
-            if not _keeps_last_checkpoint(out[-1][2], out[-1][1]):
+            if not _keeps_last_checkpoint(out[-1].config):
                 raise ConfigError(f"stages[{i - 1}].config", chain.stages[i - 1].config, f"keeps no last checkpoint "
                                   f"for stage {i + 1} (add a ModelCheckpoint with save_last: true)")
         try:
+            config = experiment_config(str(experiment), args)
             if build_stages:
-                _check_stage(experiment, args)
-            else:
-                parse_experiment(str(experiment), args)
+                _check_stage(config)
         except Exception as err:  # the experiment's own one-line error, named as the stage
             raise ConfigError(key, stage.config, one_line(err)) from None
-        out.append((stage, experiment, args))
+        out.append(LoadedStage(stage, experiment, args, config))
     return out
 
 
-def _check_stage(experiment: Path, args: list[str]) -> None:
-    """Parse the stage and build its model (on the meta device: no memory, no compute) and its data, so that a
-    later stage's bad value stops the chain before the first stage trains."""
-    config = experiment_config(str(experiment), args)
+def _check_stage(config: dict) -> None:
+    """Build a parsed stage's model (on the meta device: no memory, no compute) and its data, so that a later
+    stage's bad value stops the chain before the first stage trains."""
     with torch.device("meta"):
         model = build_module(config["model"])
     LatentDataModule(**config["data"]).check_model(model.latent_shape, model.num_classes)
 
 
-def _keeps_last_checkpoint(args: list[str], experiment: Path) -> bool:
-    callbacks = parse_experiment(str(experiment), args).trainer.callbacks or []
-    return any(issubclass(import_object(str(c.class_path)), ModelCheckpoint) and getattr(c.init_args, "save_last", None)
-               for c in callbacks)
+def _keeps_last_checkpoint(config: dict) -> bool:
+    callbacks = config["trainer"].get("callbacks") or []
+    return any(issubclass(import_object(c["class_path"]), ModelCheckpoint)
+               and (c.get("init_args") or {}).get("save_last") for c in callbacks)
 
 
-def run_chain(stages: list[tuple[Stage, Path, list[str]]]) -> int:
+def run_chain(stages: list[LoadedStage]) -> int:
     """Train the stages in order, each through the Lightning CLI; each prints its usual summary, the chain
     then names the checkpoints it passed on."""
     previous, passed, zero = None, [], True
-    for i, (stage, experiment, args) in enumerate(stages, start=1):
+    for i, (stage, experiment, args, _) in enumerate(stages, start=1):
         if stage.previous_checkpoint is not None:
             args = [a if a != PLACEHOLDER.format(i - 1) else previous for a in args]
             passed.append((i - 1, previous, i, stage.previous_checkpoint))

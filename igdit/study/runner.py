@@ -29,7 +29,7 @@ from igdit.metrics.evaluate import FrechetEvaluator, evaluate_settings
 from igdit.study.claims import CLAIMS, Results
 from igdit.study.report import write_report
 from igdit.study.spec import StudySpec, resolve_references
-from igdit.tracking import default_tracking_uri, open_experiment
+from igdit.tracking import open_experiment
 
 
 class Study:
@@ -39,8 +39,8 @@ class Study:
         self.spec, self.out = spec, out
         self.folder = spec.results
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.uri = spec.tracking_uri or default_tracking_uri()
         self.client, self.experiment_id = open_experiment(spec.tracking_uri, spec.mlflow_experiment)
+        self.uri = self.client.tracking_uri  # the default store when the spec names none
         self.parent_id = self._parent_run()
         self.records: dict[tuple[str, int], dict] = {}
         self._evaluator: Optional[FrechetEvaluator] = None

@@ -9,7 +9,7 @@ import optuna
 from mlflow.entities import Param
 
 from igdit.sweeps.spec import SweepSpec
-from igdit.tracking import default_tracking_uri, open_experiment
+from igdit.tracking import open_experiment
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -21,8 +21,8 @@ class SweepTracker:
     failed trial's run is FAILED with its error."""
 
     def __init__(self, spec: SweepSpec):
-        self.uri = spec.tracking_uri or default_tracking_uri()
         self.client, self.experiment_id = open_experiment(spec.tracking_uri, spec.mlflow_experiment)
+        self.uri = self.client.tracking_uri  # the default store when the spec names none
         self.spec = spec
         self.parent_id = self._parent_run()
 

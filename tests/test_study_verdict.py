@@ -32,3 +32,44 @@ def test_a_claim_of_several_comparisons():
     assert combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
     with pytest.raises(ValueError):
         compare([1.0, 2.0], [1.0], "lower", paired=True)
+
+
+class _Runs:
+    """Stands in for the study's Results: final FD per arm over three seeds, flat curves, one probe step."""
+
+    def __init__(self, fd: dict[str, list[float]]):
+        from types import SimpleNamespace
+
+        from igdit.study.spec import Probe
+
+        self.fd, self.spec = fd, SimpleNamespace(probe=Probe())
+
+    def has(self, *arms):
+        return all(a in self.fd for a in arms)
+
+    def logged_fd(self, arm, setting="none", step=None):
+        return self.fd[arm]
+
+    def curve(self, arm, setting="none"):
+        return {800: self.fd[arm]}
+
+    def probes(self, arm):
+        return {800: [0.8, 0.81, 0.79] if arm == "plain" else [0.9, 0.91, 0.89]}
+
+
+def test_self_transcendence_reports_its_ablation_beside_a_verdict_that_is_st_against_plain():
+    from igdit.study.claims import claim_self_transcendence
+
+    runs = {"plain": [12.0, 12.2, 11.8], "st": [8.0, 8.1, 7.9]}
+    alone = claim_self_transcendence(_Runs(runs))
+    assert alone.verdict == HOLDS and not alone.notes
+    # omega 1 is clearly worse than the default (as in ST Table 5); the same-block student clearly better (against it)
+    claim = claim_self_transcendence(_Runs(runs | {"st_omega_1": [10.0, 10.1, 9.9], "st_same_block": [5.0, 5.1, 4.9]}))
+    assert claim.verdict == HOLDS  # the ablation does not move ST's own verdict
+    omega, block = claim.notes
+    assert "ω 1" in omega and f"→ {HOLDS}" in omega and "29.30" in omega
+    assert "student block = teacher block" in block and f"→ {FAILS}" in block
+    labels = [row[0] for row in claim.rows]
+    assert labels.index("ST (both stages)") < labels.index("ST, student block = teacher block") < labels.index(
+        "  plain")
+    assert claim.rows[labels.index("ST, ω 1 (the teacher's conditional features, no sharpening)")][1] == "10 ± 0.058"

@@ -338,8 +338,8 @@ def test_the_shipped_chain_passes_stage1s_last_checkpoint_to_the_stage2_teacher(
     common = ["--data.root", str(digits_root)]
     stages = load_chain(str(REPO / "experiments/st_digits.yaml"), common)
     assert [s.path.name for s in stages] == ["st_stage1_digits.yaml", "st_stage2_digits.yaml"]
-    assert stages[0][2] == common
-    assert stages[1][2] == [*common, "--model.terms.self_guided.teacher_ckpt", "<last checkpoint of stage 1>"]
+    assert stages[0].args == common
+    assert stages[1].args == [*common, "--model.terms.self_guided.teacher_ckpt", "<last checkpoint of stage 1>"]
 
 
 @pytest.mark.parametrize("stages,says", [

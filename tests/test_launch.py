@@ -1,5 +1,6 @@
 """Launching on several GPUs and nodes: make -> torchrun, SLURM scripts -> srun, and the checks before compute."""
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,8 +15,13 @@ TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "GROUP_R
 
 
 def _make_n(*args: str) -> list[str]:
-    """The commands `make -n` would run (nothing runs), from the repository root."""
-    proc = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, check=True)
+    """The commands `make -n` would run (nothing runs), from the repository root, as from a fresh shell: a
+    `make test ARGS=...` that runs this test hands its variables to every make below it (through MAKEFLAGS and the
+    environment), so those and the Makefile's own knobs (``NAME ?= ...``) are dropped."""
+    knobs = set(re.findall(r"^(\w+)\s*\?=", (REPO / "Makefile").read_text(), re.M))
+    env = {k: v for k, v in os.environ.items()
+           if k not in knobs | {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}}
+    proc = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, check=True, env=env)
     return [line.strip() for line in proc.stdout.splitlines() if line.strip() and not line.startswith("make")]
 
 

@@ -34,16 +34,24 @@ def _inputs(v_final=None, v_exit=None, requires_grad=False):
 
 
 @pytest.mark.parametrize("loss", ["mse", "l1", "smooth_l1"])
-def test_omega_zero_is_exactly_the_diffusion_loss(loss):
+def test_omega_zero_in_velocity_space_is_exactly_the_diffusion_loss(loss):
     inputs = _inputs()
-    accel = _attached(IGAccelLoss(omega=0.0, loss=loss, beta=0.1))
+    accel = _attached(IGAccelLoss(omega=0.0, space="v", loss=loss, beta=0.1))
     plain = DiffusionLoss(loss=loss, beta=0.1)
     assert torch.equal(accel(inputs), plain(inputs))
 
 
+def test_the_default_is_the_papers_formula_in_x0_space():
+    assert IGAccelLoss().space == "x0"
+    inputs = _inputs()
+    t = inputs.t
+    plain = DiffusionLoss().per_sample(inputs)  # omega 0: the x0 loss is t^2 times the diffusion loss
+    torch.testing.assert_close(_attached(IGAccelLoss(omega=0.0)).per_sample(inputs), t ** 2 * plain)
+
+
 def test_the_final_target_is_v_plus_omega_times_the_gap_between_the_final_and_the_exit_head():
     # one sample, one pixel each: v = 1, v_f = 3, v_i = 2 -> target 1 + 0.5 * (3 - 2) = 1.5, loss (3 - 1.5)^2
-    term = _attached(IGAccelLoss(omega=0.5))
+    term = _attached(IGAccelLoss(omega=0.5, space="v"))
     inputs = _inputs()
     inputs.target = torch.full((4, 1, 2, 2), 1.0)
     inputs.output = DiTOutput(final=torch.full((4, 1, 2, 2), 3.0), exits={2: torch.full((4, 1, 2, 2), 2.0)})
@@ -77,15 +85,17 @@ def test_x0_space_follows_the_transport_on_the_cosine_path():
     torch.testing.assert_close(term.per_sample(inputs), paper, rtol=1e-4, atol=1e-5)
 
 
-def test_no_gradient_reaches_the_exit_output_through_the_stop_gradient():
+@pytest.mark.parametrize("space", ["v", "x0"])
+def test_no_gradient_reaches_the_exit_output_through_the_stop_gradient(space):
     inputs = _inputs(requires_grad=True)
-    term = _attached(IGAccelLoss(omega=0.5))
+    term = _attached(IGAccelLoss(omega=0.5, space=space))
     term(inputs).backward()
     v_f, v_i, v = inputs.output.final, inputs.output.exits[2], inputs.target
     assert v_i.grad is None
-    # d/dv_f of mean((v_f - T)^2) with T held fixed: 2 (v_f - T) / numel
+    # d/dv_f of mean((v_f - T)^2) with T held fixed: 2 (v_f - T) / numel; in x0 space each sample's times t^2
     target = v + 0.5 * (v_f - v_i)
-    torch.testing.assert_close(v_f.grad, 2 * (v_f - target).detach() / v_f.numel())
+    scale = 1.0 if space == "v" else inputs.t.view(-1, 1, 1, 1) ** 2
+    torch.testing.assert_close(v_f.grad, 2 * scale * (v_f - target).detach() / v_f.numel())
 
 
 def test_with_only_this_term_the_exit_head_gets_no_gradient_and_the_final_head_does():

@@ -319,11 +319,14 @@ def test_paper_configs_carry_table_1s_settings(size, student, teacher, align_blo
         with torch.device("meta"):
             build_module(cfg["model"])  # every block exists in the model
     align = stage1["model"]["terms"]["vae_align"]["init_args"]
-    assert align == {"block": align_block, "target": "v", "projector_dim": 2048, "weight": 0.5, "t_range": [0.4, 0.7]}
+    # the t-range as the public code computes it (what the published numbers come from), the teacher in float32
+    assert align == {"block": align_block, "target": "v", "projector_dim": 2048, "weight": 0.5, "t_range": [0.4, 0.7],
+                     "t_range_mode": "official_broadcast"}
     assert stage1["trainer"]["max_steps"] == 200_000  # 40 epochs at batch 256
     guide = stage2["model"]["terms"]["self_guided"]["init_args"]
     assert guide == {"teacher_ckpt": None, "teacher_weights": "raw", "student_block": student, "teacher_block": teacher,
-                     "omega": 30.0, "projector_dim": 2048, "weight": 0.5, "t_range": [0.4, 0.7], "stop_step": stop}
+                     "omega": 30.0, "projector_dim": 2048, "weight": 0.5, "t_range": [0.4, 0.7],
+                     "t_range_mode": "official_broadcast", "teacher_precision": "float32", "stop_step": stop}
     assert stage2["trainer"]["max_steps"] == 400_000  # 80 epochs
 
 

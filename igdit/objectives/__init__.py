@@ -5,8 +5,16 @@ CosineVelocityLoss. Self-Transcendence: VAEAlignLoss (stage 1), SelfGuidedLoss (
 Self-Transcendence papers compare with: REPALoss (with a PatchEncoder: DINOv2Encoder, DigitsPatchEncoder), SRALoss,
 LayerSyncLoss, DispersiveLoss.
 """
-from igdit.objectives.base import (Frozen, LossInputs, LossTerm, Objective, check_block, file_digest, mlp,
-                                   per_sample_loss)
+from igdit.objectives.base import (
+                                   Frozen,
+                                   LossInputs,
+                                   LossTerm,
+                                   Objective,
+                                   check_block,
+                                   file_digest,
+                                   mlp,
+                                   per_sample_loss,
+)
 from igdit.objectives.cosine import CosineVelocityLoss, cosine_velocity_loss
 from igdit.objectives.diffusion import DiffusionLoss
 from igdit.objectives.dispersive import DispersiveLoss, dispersive_loss

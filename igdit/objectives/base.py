@@ -24,6 +24,8 @@ from igdit.data.encoders import decode_latents
 from igdit.models.output import DiTOutput
 
 LossType = Literal["mse", "smooth_l1", "l1"]
+# How a t_range counts (see LossTerm): the per-sample mask, or what the public Self-Transcendence code computes.
+TRangeMode = Literal["per_sample", "official_broadcast"]
 
 
 @dataclasses.dataclass
@@ -140,7 +142,14 @@ class LossTerm(nn.Module):
     """One weighted, scheduled loss term.
 
     weight: its factor in the total (0 switches it off). start_step, stop_step: it counts for global steps in
-    [start_step, stop_step). t_range: samples with t outside [low, high] count as zero (t = 1 is noise).
+    [start_step, stop_step). t_range: where in t (t = 1 is noise) the term acts, counted by t_range_mode:
+    ``per_sample`` (default): samples with t outside [low, high] count as zero in the batch mean;
+    ``official_broadcast``: the batch mean over *every* sample times the fraction of the batch inside the range.
+    The second is what the public Self-Transcendence code computes (``mean_flat(loss) * t_mask`` with shapes (B,)
+    and (B, 1, 1, 1) broadcasts to (B, 1, 1, B)), so its published numbers come from an alignment that acts at
+    every t, scaled by the in-range fraction; the first is what that code evidently meant.
+    Subclasses declare only their own fields and the defaults they change, and pass the rest on (``**kwargs``):
+    the CLI lists and type-checks these four fields for every term.
     Subclasses say what they read (``exits_needed``, ``hidden_needed``), may build layers of their own in
     ``attach`` (called once with the backbone, before the optimiser and the EMA copy exist) and compute a
     per-sample loss (or override ``forward`` for a batch-level term). ``name`` is the key the experiment gives
@@ -151,11 +160,12 @@ class LossTerm(nn.Module):
     reads_ema: ClassVar[bool] = False
 
     def __init__(self, weight: NonNegativeFloat = 1.0, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0)):
+                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0),
+                 t_range_mode: TRangeMode = "per_sample"):
         super().__init__()
         self.name = type(self).__name__  # the key the experiment gives it, once the Objective holds it
         self.weight, self.start_step, self.stop_step = float(weight), int(start_step), stop_step
-        self.t_range = tuple(t_range)
+        self.t_range, self.t_range_mode = tuple(t_range), t_range_mode
         self.logged: dict[str, torch.Tensor] = {}  # extra values a term reports (logged as train/<name>/<key>)
 
     def field(self, key: str) -> str:
@@ -200,12 +210,26 @@ class LossTerm(nn.Module):
         low, high = self.t_range
         return (t >= low) & (t <= high)
 
+    def counted(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the samples whose loss enters the batch value: those inside t_range (``per_sample``), every
+        sample (``official_broadcast``). A term that runs a network per sample runs it on these only."""
+        if self.t_range_mode == "official_broadcast":
+            return torch.ones_like(t, dtype=torch.bool)
+        return self.in_t_range(t)
+
+    def reduce(self, value: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The batch value from (N,) per-sample losses, or from a batch-level scalar already computed over the
+        counted samples, under t_range and t_range_mode (see the class docstring)."""
+        if self.t_range == (0.0, 1.0):
+            return value.mean()
+        inside = self.in_t_range(t)
+        if self.t_range_mode == "official_broadcast":
+            return value.mean() * inside.to(value.dtype).mean()
+        return value.mean() if value.dim() == 0 else (value * inside.to(value.dtype)).mean()
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        """Unweighted scalar: the batch mean, with samples outside t_range counted as zero."""
-        losses = self.per_sample(inputs)
-        if self.t_range != (0.0, 1.0):
-            losses = losses * self.in_t_range(inputs.t).to(losses.dtype)
-        return losses.mean()
+        """Unweighted scalar: the batch mean of ``per_sample`` under t_range (see ``reduce``)."""
+        return self.reduce(self.per_sample(inputs), inputs.t)
 
 
 class Objective(nn.ModuleDict):

@@ -1,13 +1,9 @@
 """The cosine-similarity velocity loss LightningDiT trains its final head with (``use_cosine_loss: true``)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
-from igdit.config import UnitInterval
 from igdit.objectives.base import LossInputs, LossTerm
 
 
@@ -29,10 +25,6 @@ class CosineVelocityLoss(LossTerm):
     (``loss = cos_loss.mean() + mse_loss.mean()`` in its train.py); the exit head gets no cosine term. It
     composes with ``DiffusionLoss`` and ``ExitLoss`` as one more entry in ``model.terms``.
     """
-
-    def __init__(self, weight: NonNegativeFloat = 1.0, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0)):
-        super().__init__(weight, start_step, stop_step, t_range)
 
     def per_sample(self, inputs: LossInputs) -> torch.Tensor:
         return cosine_velocity_loss(inputs.output.final, inputs.target)

@@ -7,9 +7,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
-from igdit.config import UnitInterval
 from igdit.objectives.base import LossInputs, LossTerm, check_block
 
 
@@ -31,14 +30,14 @@ class DispersiveLoss(LossTerm):
 
     weight, tau: lambda and the temperature, 0.5 and 0.5 (the paper's JAX runs, local batch 16; the PyTorch release
         uses 0.25 and 1 on the last block at local batch 32). block: 1-based; None = depth // 4 (the paper).
-    t_range: only samples with t inside count, by taking them out of the batch before the loss (with fewer than two
-        samples inside the loss is 0).
+    t_range: per_sample: only samples with t inside count, by taking the others out of the batch before the loss
+        (with fewer than two samples inside the loss is 0); official_broadcast: the loss over the whole batch times
+        the fraction inside.
     """
 
     def __init__(self, weight: NonNegativeFloat = 0.5, tau: PositiveFloat = 0.5, block: Optional[PositiveInt] = None,
-                 start_step: NonNegativeInt = 0, stop_step: Optional[PositiveInt] = None,
-                 t_range: UnitInterval = (0.0, 1.0)):
-        super().__init__(weight, start_step, stop_step, t_range)
+                 **kwargs):
+        super().__init__(weight=weight, **kwargs)
         self.tau, self.block = float(tau), block
 
     def attach(self, backbone, transport) -> None:
@@ -53,7 +52,7 @@ class DispersiveLoss(LossTerm):
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         z = inputs.output.hidden[self.block]
         if self.t_range != (0.0, 1.0):
-            z = z[self.in_t_range(inputs.t)]
+            z = z[self.counted(inputs.t)]
         if z.shape[0] < 2:  # nothing to disperse; a zero that keeps the graph (every rank runs the same backward)
             return inputs.output.hidden[self.block].sum() * 0.0
-        return dispersive_loss(z, self.tau)
+        return self.reduce(dispersive_loss(z, self.tau), inputs.t)

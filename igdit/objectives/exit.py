@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 
-from igdit.config import ConfigError, UnitInterval
+from igdit.config import ConfigError
 from igdit.objectives.base import LossInputs, LossTerm, LossType, per_sample_loss
 
 
@@ -19,9 +19,8 @@ class ExitLoss(LossTerm):
     """
 
     def __init__(self, weight: NonNegativeFloat = 0.5, loss: LossType = "mse", beta: PositiveFloat = 0.05,
-                 exits: Optional[list[int]] = None, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0)):
-        super().__init__(weight, start_step, stop_step, t_range)
+                 exits: Optional[list[int]] = None, **kwargs):
+        super().__init__(weight=weight, **kwargs)
         self.loss, self.beta, self.exits = loss, float(beta), None if exits is None else tuple(exits)
 
     def attach(self, backbone, transport) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
-from igdit.config import ConfigError, UnitInterval
+from igdit.config import ConfigError
 from igdit.objectives.base import LossInputs, LossTerm, LossType, per_sample_loss
 
 
@@ -16,19 +16,19 @@ class IGAccelLoss(LossTerm):
     on D_i stays as it is).
 
     D_f, D_i: the final head's and the exit head's predictions; sg: stop-gradient, so this term sends no
-    gradient to the exit head. space "v" (default): in velocity, the final head's target is
-    v + omega * sg(v_f - v_i), the project's native loss; "x0": the paper's own formula in clean-sample space,
-    x0_hat = velocity_to_data(v) (on the linear path x_t - t v, so the loss is t^2 times the v-space one).
+    gradient to the exit head. space "x0" (default): the paper's formula, on the denoiser outputs
+    x0_hat = velocity_to_data(v) (x_t - t v on the linear path); no public code exists for this loss, so the
+    paper's text is the reference. "v": in velocity, the final head's target is v + omega * sg(v_f - v_i), the
+    loss the IG code trains its other heads with; on the linear path it is the x0 loss divided by t^2 per sample,
+    i.e. another weighting over t, not another fixed point.
     omega < 1: the final head's fixed point is D_f = D_i + (E[x0 | x_t] - D_i) / (1 - omega), IG with
     w = 1 / (1 - omega) baked in (omega 0.5 ~ w 2); omega = 0 is the plain diffusion loss. The paper does not
     give omega. exit: the block whose exit head is read as D_i (default: the backbone's first, as the IG sampling rule).
     """
 
-    def __init__(self, omega: NonNegativeFloat = 0.5, space: Literal["v", "x0"] = "v",
-                 exit: Optional[PositiveInt] = None, loss: LossType = "mse", beta: PositiveFloat = 0.05,
-                 weight: NonNegativeFloat = 1.0, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0)):
-        super().__init__(weight, start_step, stop_step, t_range)
+    def __init__(self, omega: NonNegativeFloat = 0.5, space: Literal["x0", "v"] = "x0",
+                 exit: Optional[PositiveInt] = None, loss: LossType = "mse", beta: PositiveFloat = 0.05, **kwargs):
+        super().__init__(**kwargs)
         self.omega, self.space, self.exit = float(omega), space, exit
         self.loss, self.beta = loss, float(beta)
         self.transport = None

@@ -2,13 +2,11 @@
 block's tokens of the same pass, the deeper side held fixed (SELF_TRANSCENDENCE.md §3, METHOD.md §7)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
-from igdit.config import ConfigError, UnitInterval
+from igdit.config import ConfigError
 from igdit.objectives.base import LossInputs, LossTerm, check_block
 
 
@@ -22,9 +20,8 @@ class LayerSyncLoss(LossTerm):
     """
 
     def __init__(self, weight: NonNegativeFloat = 0.2, block: PositiveInt = 8, target_block: PositiveInt = 16,
-                 start_step: NonNegativeInt = 0, stop_step: Optional[PositiveInt] = None,
-                 t_range: UnitInterval = (0.0, 1.0)):
-        super().__init__(weight, start_step, stop_step, t_range)
+                 **kwargs):
+        super().__init__(weight=weight, **kwargs)
         self.block, self.target_block = block, target_block
 
     def attach(self, backbone, transport) -> None:

@@ -2,13 +2,11 @@
 features of the clean image (SELF_TRANSCENDENCE.md §3, METHOD.md §7)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
-from igdit.config import ConfigError, UnitInterval
+from igdit.config import ConfigError
 from igdit.objectives.base import LossInputs, LossTerm, check_block, mlp
 from igdit.objectives.encoders import PatchEncoder
 
@@ -33,9 +31,8 @@ class REPALoss(LossTerm):
     """
 
     def __init__(self, encoder: PatchEncoder, weight: NonNegativeFloat = 0.5, block: PositiveInt = 8,
-                 projector_dim: PositiveInt = 2048, interpolate: bool = False, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0)):
-        super().__init__(weight, start_step, stop_step, t_range)
+                 projector_dim: PositiveInt = 2048, interpolate: bool = False, **kwargs):
+        super().__init__(weight=weight, **kwargs)
         self.encoder, self.block = encoder, block
         self.projector_dim, self.interpolate = int(projector_dim), bool(interpolate)
 

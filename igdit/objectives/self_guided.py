@@ -2,14 +2,23 @@
 features regress the CFG-sharpened block-m features of the frozen stage-1 model, for the first steps only."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from igdit.config import ConfigError, UnitInterval
-from igdit.objectives.base import Frozen, LossInputs, LossTerm, check_block, file_digest, mlp, per_sample_loss
+from igdit.objectives.base import (
+    Frozen,
+    LossInputs,
+    LossTerm,
+    check_block,
+    file_digest,
+    mlp,
+    per_sample_loss,
+)
 
 # What a teacher must share with the student, in the order it is checked: (attribute, what it means).
 MUST_FIT = (("family", "family"), ("hidden_size", "hidden width"), ("in_channels", "latent channels"),
@@ -23,13 +32,19 @@ class SelfGuidedLoss(LossTerm):
     h_n: the student's tokens (N, T, D) after block ``student_block``; MLP: D -> projector_dim -> projector_dim
     -> D (SiLU). f_c, f_u: the frozen teacher's raw tokens after block ``teacher_block`` at the student's own
     x_t and t, with the labels before class dropout (f_c) and the null label (f_u), in one batched pass that
-    stops at that block. Samples outside t_range count as zero, so the teacher runs only on the others.
+    stops at that block. The teacher runs on the samples that count (``counted``): under t_range_mode
+    ``per_sample`` (the default) those inside t_range, under ``official_broadcast`` (what the public code computes,
+    and what its published numbers come from) every sample, about 3.3x the teacher passes at t_range [0.4, 0.7].
 
     teacher_ckpt: an igdit checkpoint of a stage-1 run (``VAEAlignLoss``); loaded in ``setup`` (at fit start),
         never trained, averaged or saved (its path and sha256 go into the hyper-parameters instead).
     teacher_weights: "raw" (the optimiser's weights, ``current_model_state``: the public code loads
         ``ckpt['model']``) or "ema" (the checkpoint's ``state_dict``).
     omega: the feature CFG scale (30 for SiT in the paper and script; 0 gives f_u, 1 gives f_c).
+    teacher_precision: "float32" (default): the teacher pass runs in float32 with autocast off, as the public code
+        (its teacher is not prepared by accelerate, so it never runs in the mixed precision of the student);
+        omega = 30 multiplies the rounding of f_c - f_u. "trainer": in the trainer's precision (bf16-mixed
+        autocast in the paper-scale YAMLs), faster on tensor cores and not what produced the published numbers.
     stop_step: the step from which the term is off (then no teacher pass runs); the paper's 20 epochs (B)
         / 10 epochs (L, XL), the public code's 100,000 steps.
     Defaults as the public SiT-B/2 script: student block 6 = n/2, teacher block 8 = 2n/3, weight 0.5,
@@ -38,12 +53,13 @@ class SelfGuidedLoss(LossTerm):
 
     def __init__(self, teacher_ckpt: Optional[str] = None, teacher_weights: Literal["raw", "ema"] = "raw",
                  student_block: PositiveInt = 6, teacher_block: PositiveInt = 8, omega: NonNegativeFloat = 30.0,
-                 projector_dim: PositiveInt = 2048, weight: NonNegativeFloat = 0.5, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.4, 0.7)):
-        super().__init__(weight, start_step, stop_step, t_range)
+                 projector_dim: PositiveInt = 2048, teacher_precision: Literal["float32", "trainer"] = "float32",
+                 weight: NonNegativeFloat = 0.5, t_range: UnitInterval = (0.4, 0.7), **kwargs):
+        super().__init__(weight=weight, t_range=t_range, **kwargs)
         self.teacher_ckpt, self.teacher_weights = teacher_ckpt, teacher_weights
         self.student_block, self.teacher_block = int(student_block), int(teacher_block)
         self.omega, self.projector_dim = float(omega), int(projector_dim)
+        self.teacher_precision = teacher_precision
         self.teacher: Optional[Frozen] = None
         self.student: dict = {}
 
@@ -64,7 +80,9 @@ class SelfGuidedLoss(LossTerm):
                                            f"stage-1 run (--{field} "
                                            "runs/<experiment>/<run>/checkpoints/last.ckpt) or chain both stages "
                                            "(igdit fit --config experiments/st_digits.yaml)")
-        from igdit.checkpoints import load_module  # checkpoints build whole modules, which hold terms like this one
+        from igdit.checkpoints import (
+            load_module,  # checkpoints build whole modules, which hold terms like this one
+        )
 
         path = Path(self.teacher_ckpt)
         teacher = load_module(path, field, "cpu", weights=self.teacher_weights).backbone
@@ -99,18 +117,25 @@ class SelfGuidedLoss(LossTerm):
         teacher = self.teacher.get(x_t.device)
         null = torch.full_like(y_clean, self.student["num_classes"])
         m = self.teacher_block
-        out = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y_clean, null]), hidden=(m,), stop_after=m)
+        in_float32 = self.teacher_precision == "float32"
+        if in_float32:
+            x_t, t = x_t.float(), t.float()
+        with torch.autocast(x_t.device.type, enabled=False) if in_float32 else contextlib.nullcontext():
+            out = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y_clean, null]), hidden=(m,),
+                          stop_after=m)
         f_c, f_u = out.hidden[m].chunk(2)
         return f_u + self.omega * (f_c - f_u)
 
     def per_sample(self, inputs: LossInputs) -> torch.Tensor:
-        """(N,) losses; samples outside t_range are 0 (the teacher never sees them)."""
+        """(N,) losses; the samples that do not count (``counted``) are 0 and the teacher never sees them."""
         prediction = self.projector(inputs.output.hidden[self.student_block])
-        inside = self.in_t_range(inputs.t)
+        counted = self.counted(inputs.t)
         target = torch.zeros_like(prediction, dtype=torch.float32)
-        if inside.any():
-            f_g = self.guided_features(inputs.x_t[inside], inputs.t[inside], inputs.y_clean[inside])
-            target[inside] = f_g.float()
-            # omega = 30 makes targets far larger than the hidden states; worth watching
-            self.logged["f_g_norm"] = f_g.float().norm(dim=-1).mean()
-        return per_sample_loss(prediction, target) * inside
+        if counted.all():
+            target = self.guided_features(inputs.x_t, inputs.t, inputs.y_clean).float()
+        elif counted.any():
+            target[counted] = self.guided_features(inputs.x_t[counted], inputs.t[counted],
+                                                   inputs.y_clean[counted]).float()
+        if counted.any():  # omega = 30 makes targets far larger than the hidden states; worth watching
+            self.logged["f_g_norm"] = target[counted].norm(dim=-1).mean()
+        return per_sample_loss(prediction, target) * counted

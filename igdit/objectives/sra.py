@@ -8,10 +8,22 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 
-from igdit.config import ConfigError, UnitInterval
-from igdit.objectives.base import LossInputs, LossTerm, check_block, mlp, per_sample_loss
+from igdit.config import ConfigError
+from igdit.objectives.base import (
+    LossInputs,
+    LossTerm,
+    check_block,
+    mlp,
+    per_sample_loss,
+)
 
 
 @dataclass
@@ -56,9 +68,8 @@ class SRALoss(LossTerm):
 
     def __init__(self, weight: NonNegativeFloat = 0.2, block: PositiveInt = 4, teacher_block: PositiveInt = 8,
                  t_max: ClosedUnitInterval = 0.2, loss: Literal["smooth_l1", "cos"] = "smooth_l1",
-                 beta: PositiveFloat = 0.05, schedule: Optional[TenfoldDecay] = None, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.0, 1.0)):
-        super().__init__(weight, start_step, stop_step, t_range)
+                 beta: PositiveFloat = 0.05, schedule: Optional[TenfoldDecay] = None, **kwargs):
+        super().__init__(weight=weight, **kwargs)
         self.block, self.teacher_block, self.t_max = block, teacher_block, float(t_max)
         self.loss, self.beta = loss, float(beta)
         self.schedule = TenfoldDecay(**schedule) if isinstance(schedule, dict) else schedule

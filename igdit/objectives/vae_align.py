@@ -2,14 +2,20 @@
 latent through a head of its own, so that it holds useful features early (the "M_align" that guides stage 2)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn as nn
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from igdit.config import UnitInterval
-from igdit.objectives.base import LossInputs, LossTerm, check_block, mlp, per_sample_loss
+from igdit.objectives.base import (
+    LossInputs,
+    LossTerm,
+    check_block,
+    mlp,
+    per_sample_loss,
+)
 
 
 class VAEAlignLoss(LossTerm):
@@ -25,9 +31,8 @@ class VAEAlignLoss(LossTerm):
     """
 
     def __init__(self, block: PositiveInt = 2, target: Literal["v", "x0"] = "v", projector_dim: PositiveInt = 2048,
-                 weight: NonNegativeFloat = 0.5, start_step: NonNegativeInt = 0,
-                 stop_step: Optional[PositiveInt] = None, t_range: UnitInterval = (0.4, 0.7)):
-        super().__init__(weight, start_step, stop_step, t_range)
+                 weight: NonNegativeFloat = 0.5, t_range: UnitInterval = (0.4, 0.7), **kwargs):
+        super().__init__(weight=weight, t_range=t_range, **kwargs)
         self.block, self.target, self.projector_dim = int(block), target, int(projector_dim)
 
     def attach(self, backbone, transport) -> None:

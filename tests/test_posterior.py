@@ -1,6 +1,7 @@
-"""Posterior shards: the VAE posterior's mean and std stored (float16, through the normaliser) and a fresh
-latent drawn every time training reads a sample — seeded per rank, worker and pass, reproducible for a fixed
-seed, new every pass; one fixed draw per sample for validation; the single-draw format kept for the rest."""
+"""Posterior shards: the VAE posterior's mean and std stored (float32 by default, float16 when asked; through the
+normaliser) and a fresh latent drawn every time training reads a sample — seeded per rank, worker and pass,
+reproducible for a fixed seed, new every pass; one fixed draw per sample for validation; the single-draw format
+kept for the rest."""
 import json
 from collections import defaultdict
 
@@ -15,15 +16,45 @@ from igdit.data import LatentDataModule, build_dataset, build_encoder, bytes_per
 
 
 @pytest.fixture(scope="module")
-def posterior_root(tmp_path_factory, tiny_vae):
+def posterior_images(tmp_path_factory):
     from conftest import write_image_folder
 
     images = tmp_path_factory.mktemp("images")
     write_image_folder(images, sizes=[(40, 24), (24, 40), (32, 32), (64, 48), (20, 20), (36, 30)])
+    return images
+
+
+def _build_posterior(tmp_path_factory, images, tiny_vae, **kwargs):
     root = tmp_path_factory.mktemp("posterior") / "shards"
     meta = build_dataset(f"imagefolder:{images}", root, encoder=f"diffusers:{tiny_vae}", resolution=16,
-                         latent="posterior", flip=True, val_fraction=0.34, samples_per_shard=4, progress=False)
+                         latent="posterior", flip=True, val_fraction=0.34, samples_per_shard=4, progress=False, **kwargs)
     return root, images, meta
+
+
+@pytest.fixture(scope="module")
+def posterior_root(tmp_path_factory, posterior_images, tiny_vae):
+    """float16 moments: the format every posterior build wrote before float32 became the default."""
+    return _build_posterior(tmp_path_factory, posterior_images, tiny_vae, moments_dtype="float16")
+
+
+@pytest.fixture(scope="module")
+def float32_root(tmp_path_factory, posterior_images, tiny_vae):
+    """A default (float32) posterior build, and the normalised moments the build computed for each shard, in
+    the order it wrote them (recorded from the encoder's output as the build ran)."""
+    from igdit.data.shards import _Encoder
+
+    computed = []
+    original = _Encoder.posterior
+
+    def recording(self, images):
+        mean, std = original(self, images)
+        computed.append((mean.clone(), std.clone()))
+        return mean, std
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Encoder, "posterior", recording)
+        root, images, meta = _build_posterior(tmp_path_factory, posterior_images, tiny_vae)
+    return root, meta, computed
 
 
 def _raw(root, split="*"):
@@ -175,3 +206,108 @@ def test_a_stream_resumed_from_a_checkpoint_continues_with_the_same_batches_and_
         resumed = stream(resume_at=11, count=19)  # epoch 1, batch 3 of 8
         for (xa, ya), (xb, yb) in zip(whole[11:], resumed):
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def _decoded_moments(dm, url):
+    """(key, mean (c, h, w), std (c, h, w)) of one shard as the DataModule decodes it, before any draw."""
+    tar, decode = dm._decode_stages(with_keys=True)[:2]  # the third stage draws from the moments
+    return [(key, mean, std) for key, mean, std, _, _ in wds.DataPipeline(wds.SimpleShardList([url]), tar, decode)]
+
+
+def test_float32_moments_read_back_bit_exact(float32_root):
+    from igdit.data.datamodule import npy_header
+
+    root, meta, computed = float32_root
+    assert meta["dtype"] == "float32" and json.loads((root / "meta.json").read_text())["dtype"] == "float32"
+    dm = LatentDataModule(str(root), seed=5)
+    assert dm.dtype == "float32"
+    scale = torch.tensor(meta["normalizer"]["scale"]).view(1, -1, 1, 1)
+    shift = torch.tensor(meta["normalizer"]["shift"]).view(1, -1, 1, 1)
+    urls = dm.train_urls + dm.val_urls  # the order the build wrote them: train shards, then val
+    assert len(urls) == len(computed)
+    for url, (mean, std) in zip(urls, computed):
+        read = _decoded_moments(dm, url)
+        assert torch.equal(torch.stack([m for _, m, _ in read]), (mean - shift) * scale)
+        assert torch.equal(torch.stack([s for _, _, s in read]), std * scale.abs())
+    raw = next(iter(_raw(root, "train").values()))
+    assert raw["mean.npy"].dtype == raw["std.npy"].dtype == np.float32
+    # the DataModule reads float32 members straight from their bytes (the fast path), not through np.load
+    sample = next(iter(wds.DataPipeline(wds.SimpleShardList(dm.train_urls[:1]), wds.tarfile_to_samples())))
+    header = npy_header(dm.latent_shape, "float32")
+    assert sample["mean.npy"].startswith(header) and len(sample["mean.npy"]) == len(header) + 4 * 4 * 8 * 8
+    x, y = next(iter(dm.val_dataset()))  # draws from float32 moments, as from float16 ones
+    assert x.dtype == torch.float32 and x.shape[1:] == (4, 8, 8)
+
+
+def test_float16_moments_read_back_as_before(posterior_root):
+    root, _, meta = posterior_root
+    assert meta["dtype"] == "float16" and json.loads((root / "meta.json").read_text())["dtype"] == "float16"
+    dm = LatentDataModule(str(root), seed=5)
+    assert dm.dtype == "float16"
+    stored = _raw(root)
+    for url in dm.train_urls + dm.val_urls:
+        for key, mean, std in _decoded_moments(dm, url):
+            assert torch.equal(mean, torch.from_numpy(stored[key]["mean.npy"].astype(np.float32)))
+            assert torch.equal(std, torch.from_numpy(stored[key]["std.npy"].astype(np.float32)))
+    # a build from before meta.json recorded the dtype reads as float16
+    old = root.parent / "old"
+    old.mkdir()
+    for path in root.glob("*.tar"):
+        (old / path.name).symlink_to(path)
+    (old / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "dtype"}))
+    assert LatentDataModule(str(old)).dtype == "float16"
+    meta_other = {**meta, "dtype": "bfloat16"}
+    (old / "meta.json").write_text(json.dumps(meta_other))
+    with pytest.raises(ConfigError, match=r"^data.root: .* holds 'bfloat16' arrays \(meta.json dtype\)"):
+        LatentDataModule(str(old))
+
+
+def test_float32_moments_take_more_bytes(float32_root):
+    root, meta, _ = float32_root
+    assert bytes_per_sample((4, 32, 32), arrays=2, dtype="float32") == 35840
+    assert bytes_per_sample((4, 32, 32), arrays=2, dtype="float16") == bytes_per_sample((4, 32, 32), arrays=2) == 19456
+    tar = root / "train-000000.tar"
+    assert tar.stat().st_size <= 10240 + meta["shard_samples"]["train"][0] * bytes_per_sample((4, 8, 8), 2, "float32")
+    assert tar.stat().st_size > 10240 + meta["shard_samples"]["train"][0] * bytes_per_sample((4, 8, 8), 2, "float16")
+    # --shard-size-mb counts float32 samples: fewer fit in the same size
+    from igdit.data.shards import _resolve_samples_per_shard
+
+    sizes = {d: _resolve_samples_per_shard(None, 1.0, (4, 32, 32), False, 2, d) for d in ("float16", "float32")}
+    assert sizes == {"float16": 2**20 // 19456, "float32": 2**20 // 35840}
+
+
+def test_a_bad_moments_dtype_is_one_line(tmp_path, capsys, tiny_vae):
+    assert igdit(["data", "build", "digits", str(tmp_path / "a"), "--moments-dtype", "float64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: moments_dtype: float64 is not allowed;")
+    assert "float16" in err and "float32" in err and not (tmp_path / "a").exists()
+    with pytest.raises(ConfigError, match=r"^moments_dtype: 'bfloat16' is not allowed; choose one of 'float16', 'float32'$"):
+        build_dataset("digits", tmp_path / "b", moments_dtype="bfloat16")
+    # only posterior shards store moments: the single-draw latent.npy stays float16
+    assert igdit(["data", "build", "digits", str(tmp_path / "c"), "--moments-dtype", "float32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: moments_dtype: 'float32' is not allowed; only posterior")
+    assert not any((tmp_path / name).exists() for name in ("b", "c"))
+
+
+def test_an_unfinished_build_from_before_the_choice_resumes_as_float16(posterior_root, tmp_path):
+    """Its plan has no moments_dtype and its finished shards hold float16 moments: the default (float32) would mix
+    dtypes in one folder, so only --moments-dtype float16 resumes it."""
+    import shutil
+
+    root, images, meta = posterior_root
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(root, unfinished)
+    (unfinished / "meta.json").unlink()
+    (unfinished / "val-000000.tar").unlink()
+    plan_path = unfinished / ".build" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    assert plan["args"].pop("moments_dtype") == "float16"
+    plan_path.write_text(json.dumps(plan))
+    args = dict(encoder=meta["encoder"]["name"], resolution=16, latent="posterior", flip=True, val_fraction=0.34,
+                samples_per_shard=4, progress=False, resume=True)
+    with pytest.raises(ConfigError, match=r"^moments_dtype: 'float32' is not allowed; the unfinished build .* used 'float16'"):
+        build_dataset(f"imagefolder:{images}", unfinished, **args)
+    resumed = build_dataset(f"imagefolder:{images}", unfinished, moments_dtype="float16", **args)
+    assert resumed["dtype"] == "float16" and resumed["shard_sha256"] == meta["shard_sha256"]
+

@@ -4,14 +4,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from jsonargparse import ActionConfigFile
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from igdit.config import config_parser
 from igdit.data.encoders import ENCODERS, LATENT_MODES, hf_cache_dir
-from igdit.data.shards import DEFAULT_SAMPLES_PER_SHARD, META_FILE, NORMALIZERS, build_dataset, load_meta, verify_shards
+from igdit.data.shards import (DEFAULT_MOMENTS_DTYPE, DEFAULT_SAMPLES_PER_SHARD, META_FILE, MOMENTS_DTYPES, NORMALIZERS,
+                                build_dataset, load_meta, verify_shards)
 from igdit.data.sources import SOURCES
 
 
@@ -36,8 +37,14 @@ def _parser():
                             f"cache ({hf_cache_dir()}); nothing is downloaded")
     build.add_argument("--latent", type=Optional[str], default=None,
                        help=f"VAEs, one of {', '.join(LATENT_MODES)}: store a posterior sample (default; seeded "
-                            "per image), the posterior mean, or the posterior's mean and std (float16) so that "
-                            "training draws a fresh latent every time it reads a sample")
+                            "per image), the posterior mean, or the posterior's mean and std (--moments-dtype) so "
+                            "that training draws a fresh latent every time it reads a sample")
+    build.add_argument("--moments-dtype", type=Optional[Literal[MOMENTS_DTYPES]], default=None,
+                       help=f"--latent posterior: dtype of the stored mean and std, one of {', '.join(MOMENTS_DTYPES)} "
+                            f"(default {DEFAULT_MOMENTS_DTYPE}: float16 rounds the mean by up to 2^-11 of its size, "
+                            "which on unit-scale latents is up to 0.98 of a posterior std of 1e-3 and 0.098 of one of "
+                            "1e-2 (BENCHMARKS.md), and SD-VAE's std cannot be measured without its weights; float32 "
+                            "is exact and takes 1.8x the bytes). Other latents are stored in float16")
     build.add_argument("--normalizer", type=str, default="encoder",
                        help=f"one of {', '.join(NORMALIZERS)}: the encoder's own scaling (0.18215 for SD-VAE; "
                             "default) or per-channel mean/std of --stats-images training latents")
@@ -52,7 +59,8 @@ def _parser():
                        help=f"samples per .tar shard (default {DEFAULT_SAMPLES_PER_SHARD}); see the shard-count rule in "
                             "the README: several shards per GPU x data worker")
     build.add_argument("--shard-size-mb", type=Optional[PositiveFloat], default=None,
-                       help="shard size in MiB instead of --samples-per-shard (4x32x32 latents: 10 KiB per sample)")
+                       help="shard size in MiB instead of --samples-per-shard (4x32x32 latents: 10 KiB per sample; "
+                            "posteriors: 19 KiB in float16, 35 KiB in float32)")
     build.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of each class held out for validation (default 0.1)")
     build.add_argument("--seed", type=NonNegativeInt, default=0, help="seed of the train/val split and posterior samples (default 0)")
@@ -115,7 +123,7 @@ def main(argv: list[str]) -> int:
                              progress=a.progress, shard_size_mb=a.shard_size_mb, flip=a.flip,
                              normalizer=a.normalizer, stats_images=a.stats_images, vae_path=a.vae_path,
                              latent=a.latent, resume=a.resume, batch_size=a.batch_size, workers=a.workers,
-                             device=a.device)
+                             device=a.device, moments_dtype=a.moments_dtype)
         if int(os.environ.get("RANK", 0)) == 0:
             print(_summary(meta, a.out_dir, time.perf_counter() - start))
     return 0

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from igdit.config import ConfigError, TrainingStopped, check_number
 from igdit.data.encoders import LatentNormalizer
-from igdit.data.shards import latent_format, load_meta
+from igdit.data.shards import MOMENTS_DTYPES, latent_format, load_meta
 
 
 log = logging.getLogger(__name__)
@@ -82,28 +82,31 @@ def resolve_shards(spec: Optional[str], root: Path, split: str, field: str) -> l
     return urls
 
 
-def npy_header(latent_shape: tuple) -> bytes:
-    """The bytes ``np.save`` writes before the data of a float16 array of ``latent_shape`` (what the build writes)."""
+def npy_header(latent_shape: tuple, dtype: str = "float16") -> bytes:
+    """The bytes ``np.save`` writes before the data of a ``dtype`` array of ``latent_shape`` (what the build writes;
+    meta.json ``dtype``)."""
     buffer = io.BytesIO()
-    np.save(buffer, np.zeros(latent_shape, np.float16))
-    return buffer.getvalue()[: -2 * math.prod(latent_shape)]
+    np.save(buffer, np.zeros(latent_shape, dtype))
+    return buffer.getvalue()[: -np.dtype(dtype).itemsize * math.prod(latent_shape)]
 
 
-def _read_npy(raw: bytes, latent_shape: tuple, header: bytes) -> np.ndarray:
-    """A float16 (c, h, w) array from its .npy bytes: straight from the bytes when they start with exactly
-    ``header`` (parsing the npy header costs about a third of a sample's time), else WebDataset's decoder."""
-    if header and raw.startswith(header) and len(raw) == len(header) + 2 * math.prod(latent_shape):
-        return np.frombuffer(raw, np.float16, offset=len(header)).reshape(latent_shape)
+def _read_npy(raw: bytes, latent_shape: tuple, header: bytes, dtype: str = "float16") -> np.ndarray:
+    """A (c, h, w) array from its .npy bytes: straight from the bytes as ``dtype`` when they start with exactly
+    ``header`` (``npy_header(latent_shape, dtype)``; parsing the npy header costs about a third of a sample's
+    time), else WebDataset's decoder (any dtype)."""
+    if header and raw.startswith(header) and len(raw) == len(header) + np.dtype(dtype).itemsize * math.prod(latent_shape):
+        return np.frombuffer(raw, dtype, offset=len(header)).reshape(latent_shape)
     latent = wds.autodecode.npy_loads(raw)
     if tuple(latent.shape) != latent_shape:
         raise ValueError(f"latent shape {tuple(latent.shape)}, meta.json says {latent_shape}")
     return latent
 
 
-def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool, header: bytes = b"", posterior: bool = False):
+def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool, header: bytes = b"", posterior: bool = False,
+                dtype: str = "float16"):
     """Raw tar sample -> (x float32 (c, h, w), y long ()) or (key, x, y); posterior shards give the moments
     in place of x: (mean, std, y, pass) or (key, mean, std, y, pass), pass = the RepeatShards pass it came from
-    (None outside training).
+    (None outside training). ``header`` and ``dtype``: the arrays' npy header and dtype (``_read_npy``).
 
     A failure names the sample and its shard, so the line SkipCounter logs says what was
     skipped.
@@ -111,11 +114,12 @@ def _to_tensors(sample: dict, latent_shape: tuple, with_keys: bool, header: byte
     key, url = sample.get("__key__"), sample.get("__url__")
     try:
         members = ("mean.npy", "std.npy") if posterior else ("latent.npy",)
-        arrays = [_read_npy(sample[m], latent_shape, header) for m in members]
+        arrays = [_read_npy(sample[m], latent_shape, header, dtype) for m in members]
         label = wds.autodecode.decoders["cls"](sample["cls"])
     except Exception as err:
         raise ValueError(f"skipped sample {key} of {url}: {err!r}") from err
-    tensors = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
+    # a copy: float32 from frombuffer would otherwise share the sample's read-only bytes
+    tensors = [torch.from_numpy(np.array(a, dtype=np.float32)) for a in arrays]
     y = torch.tensor(label, dtype=torch.long)
     out = (*tensors, y, sample.get("__pass__")) if posterior else (*tensors, y)
     return (key, *out) if with_keys else out
@@ -339,6 +343,10 @@ class LatentDataModule(pl.LightningDataModule):
         self.max_skipped_fraction = float(max_skipped_fraction)
         self._normalizer = LatentNormalizer.from_dict(self._meta["normalizer"])
         self.latent_format = latent_format(self._meta)
+        self.dtype = self._meta.get("dtype", "float16")  # builds before the key wrote float16
+        if self.dtype not in MOMENTS_DTYPES:
+            raise ConfigError("data.root", self.root, f"holds {self.dtype!r} arrays (meta.json dtype); this igdit reads "
+                              f"{' or '.join(MOMENTS_DTYPES)}")
         self.shard_samples = self._train_shard_samples()
         self.num_train_samples = sum(self.shard_samples)
         self._steps_per_epoch = steps_per_epoch
@@ -442,7 +450,8 @@ class LatentDataModule(pl.LightningDataModule):
         seeded per pass in training (the samples come from RepeatShards), per key otherwise."""
         posterior = self.latent_format == "posterior"
         decode = wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys or (posterior and not training),
-                                 header=npy_header(self.latent_shape), posterior=posterior), handler=self.skips.handler)
+                                 header=npy_header(self.latent_shape, self.dtype), posterior=posterior,
+                                 dtype=self.dtype), handler=self.skips.handler)
         stages = [] if training else [wds.tarfile_to_samples(handler=self.skips.handler)]
         stages.append(decode)
         if posterior:

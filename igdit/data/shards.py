@@ -14,10 +14,21 @@ formats (meta.json ``latent_format``):
 
   * ``sample`` (the identity encoder, ``--latent sample`` or ``mean``, and every build before the key existed):
     ``latent.npy`` = (c, h, w) float16 normalised latent, one fixed draw of the VAE posterior (or its mean);
-  * ``posterior`` (``--latent posterior``, VAEs only): ``mean.npy`` and ``std.npy`` = (c, h, w) float16, the VAE
-    posterior's mean and std carried through the normaliser (mean' = (mean - shift) scale, std' = std |scale|),
-    so that x = mean' + std' eps is a normalised posterior draw; the DataModule draws a fresh eps every time it
-    reads the sample (SiT+IG's training draws from stored moments at every step).
+  * ``posterior`` (``--latent posterior``, VAEs only): ``mean.npy`` and ``std.npy`` = (c, h, w) float32 by default
+    (``--moments-dtype float16``: about half the bytes), the VAE posterior's mean and std carried through the normaliser
+    (mean' = (mean - shift) scale, std' = std |scale|), so that x = mean' + std' eps is a normalised posterior
+    draw; the DataModule draws a fresh eps every time it reads the sample (SiT+IG's training draws from stored
+    moments at every step).
+
+meta.json ``dtype`` is the dtype of the stored arrays (``float16`` for ``sample``; ``float32`` or ``float16`` for
+``posterior``; builds that predate the choice wrote ``float16``). Why the moments default to float32: rounding
+mean' to float16 moves it by up to 2^-11 |mean'| (9.8e-4 for |mean'| in [2, 4)), and what that costs is its size
+against std', the spread of the draws. Measured on the digits' continuous unit-variance latents (upsampled,
+channel-stats; ``igdit.bench.moments_rounding_error``, BENCHMARKS.md "Posterior moments: float16 vs float32"),
+float16 moves mean' by up to 0.98 std' (0.16 on average) where std' = 1e-3, and by up to 0.098 std' (0.016) where
+std' = 1e-2. SD-VAE's posterior std cannot be measured without its weights, so float16 is not shown to be harmless
+for it; float32 stores the encoder's float32 moments exactly, at 35,840 instead of 19,456 bytes per 4x32x32 sample
+(``bytes_per_sample``). std' itself rounds to float16 within 4e-4 of its size.
 
 The plan is deterministic: the train/val split (stratified, seeded) and the cut of each split into
 shards of ``samples_per_shard`` follow from the arguments and the source listing alone. So the build can
@@ -66,6 +77,8 @@ def _igdit_version() -> str:
 
 
 LATENT_FORMATS = ("sample", "posterior")
+MOMENTS_DTYPES = ("float16", "float32")
+DEFAULT_MOMENTS_DTYPE = "float32"  # why: the module docstring
 
 
 def latent_format(meta: dict) -> str:
@@ -103,11 +116,11 @@ def verify_shards(root: str | Path) -> list[str]:
     return problems
 
 
-def bytes_per_sample(latent_shape: Sequence[int], arrays: int = 1) -> int:
-    """Bytes one sample takes in a shard: a tar header and padded data for each of ``arrays`` float16 arrays
-    (128-byte npy header; 1 = latent.npy, 2 = mean.npy and std.npy) and for cls. (4, 32, 32) -> 10,240 bytes,
-    so 1 GiB holds ~105k SD-VAE latents (half as many posteriors)."""
-    data = 128 + 2 * math.prod(int(v) for v in latent_shape)
+def bytes_per_sample(latent_shape: Sequence[int], arrays: int = 1, dtype: str = "float16") -> int:
+    """Bytes one sample takes in a shard: a tar header and padded data for each of ``arrays`` (c, h, w) arrays of
+    ``dtype`` (128-byte npy header; 1 = latent.npy, 2 = mean.npy and std.npy) and for cls. (4, 32, 32) -> 10,240
+    bytes, so 1 GiB holds ~105k SD-VAE latents; a posterior takes 19,456 bytes in float16, 35,840 in float32."""
+    data = 128 + np.dtype(dtype).itemsize * math.prod(int(v) for v in latent_shape)
     return arrays * (TAR_BLOCK + math.ceil(data / TAR_BLOCK) * TAR_BLOCK) + 2 * TAR_BLOCK
 
 
@@ -257,8 +270,10 @@ def _image_shape(source: ImageSource, side: Optional[int]) -> tuple[int, int, in
 
 
 def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encoder, normalizer: LatentNormalizer,
-                 flip: bool, seed: int, source: ImageSource, mtime: int, posterior: bool = False) -> dict:
+                 flip: bool, seed: int, source: ImageSource, mtime: int, posterior: bool = False,
+                 dtype: str = "float16") -> dict:
     """Encode and write one shard as <name>.tar.tmp, record it in .build/, then rename it to <name>.tar.
+    ``dtype``: of the stored arrays (meta.json ``dtype``).
 
     Every member gets the build's integer ``mtime``: shards are then the same bytes whichever rank or run
     wrote them, and a member costs a 512-byte header (a float mtime adds a 1 KiB extended header)."""
@@ -284,8 +299,9 @@ def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encode
                 members = {"latent.npy": normalizer.normalize(encode(images, [s[3] for s in samples]))}
             arrays = {}
             for member, values in members.items():
-                on_disk = values.to(torch.float16)
-                if not torch.isfinite(on_disk).all():
+                on_disk = values.to(getattr(torch, dtype))
+                # float32 is what the encoder and normaliser computed in: only float16 can overflow here
+                if dtype == "float16" and not torch.isfinite(on_disk).all():
                     raise ValueError(f"{name}: normalised {member[:-4]} overflows float16; check the normaliser's scale")
                 arrays[member] = on_disk.numpy()
             for i, (key, _, row, _) in enumerate(samples):
@@ -310,12 +326,13 @@ def _check_device(device: str) -> None:
         raise ConfigError("device", device, allowed)
 
 
-def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, arrays: int = 1) -> int:
+def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, arrays: int = 1,
+                               dtype: str = "float16") -> int:
     if samples_per_shard is not None and shard_size_mb is not None:
         raise ConfigError("shard_size_mb", shard_size_mb, "give --samples-per-shard or --shard-size-mb, not both")
     if shard_size_mb is not None:
         check_number("shard_size_mb", shard_size_mb, low=0, low_inclusive=False)
-        samples_per_shard = max(1, int(shard_size_mb * 2**20 // bytes_per_sample(latent_shape, arrays)))
+        samples_per_shard = max(1, int(shard_size_mb * 2**20 // bytes_per_sample(latent_shape, arrays, dtype)))
         samples_per_shard = max(2, samples_per_shard - samples_per_shard % 2) if flip else samples_per_shard
     samples_per_shard = DEFAULT_SAMPLES_PER_SHARD if samples_per_shard is None else samples_per_shard
     check_number("samples_per_shard", samples_per_shard, low=1, integer=True)
@@ -330,13 +347,16 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                   progress: bool = True, *, shard_size_mb: Optional[float] = None, flip: bool = False,
                   normalizer: str = "encoder", stats_images: int = 10_000, vae_path: Optional[str] = None,
                   latent: Optional[str] = None, resume: bool = False, batch_size: int = 64,
-                  workers: Optional[int] = None, device: Optional[str] = None) -> dict:
+                  workers: Optional[int] = None, device: Optional[str] = None,
+                  moments_dtype: Optional[str] = None) -> dict:
     """Encode a source into train/val WebDataset shards under ``out_dir`` and return the meta.json dict.
 
     source: ``digits``, ``imagefolder:<dir>`` (or an ImageSource object); encoder: ``identity``,
     ``sd-vae-ft-ema``, ``sd-vae-ft-mse`` or ``diffusers:<folder or hub id>`` (weights from ``vae_path`` or the
     Hugging Face cache; ``latent`` = ``sample`` or ``mean`` of the posterior, or ``posterior``: its mean and
     std, drawn from at every read (module docstring)).
+    moments_dtype: ``float32`` (default) or ``float16``, the dtype of a posterior build's mean.npy and std.npy
+        (the module docstring says why float32); other builds store latent.npy in float16 and refuse it.
     resolution: imagefolder: the ADM centre-crop size (required); array sources: upsample to
         resolution x resolution (bilinear) before encoding, None keeps them.
     samples_per_shard / shard_size_mb: shard size as a count (default 100) or in MiB (one of the two).
@@ -362,6 +382,8 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     check_number("batch_size", batch_size, low=1, integer=True)
     if workers is not None:
         check_number("workers", workers, low=0, integer=True)
+    if moments_dtype is not None:
+        check_choice("moments_dtype", moments_dtype, MOMENTS_DTYPES)
     out = Path(out_dir)
     group = BuildGroup()
     if device is None:
@@ -379,7 +401,12 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     image_shape = list(_image_shape(data, side))
     latent_shape = list(enc.latent_shape(image_shape))
     posterior = getattr(enc, "latent", None) == "posterior"
-    per_shard = _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, 2 if posterior else 1)
+    if moments_dtype is not None and not posterior:
+        raise ConfigError("moments_dtype", moments_dtype, "only posterior shards (--latent posterior) store moments; "
+                          "latent.npy is always float16")
+    dtype = (moments_dtype or DEFAULT_MOMENTS_DTYPE) if posterior else "float16"
+    per_shard = _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, 2 if posterior else 1,
+                                           dtype)
     num_classes = len(data.class_names)
     train_rows, val_rows = _split(data.labels, num_classes, val_fraction, seed)
     rows = {"train": train_rows, "val": val_rows}
@@ -391,7 +418,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     args = {"source": spec, "encoder": enc.describe()["name"], "resolution": resolution, "samples_per_shard": per_shard,
             "flip": bool(flip), "val_fraction": float(val_fraction), "seed": int(seed), "normalizer": normalizer,
             "stats_images": int(stats_images) if normalizer == "channel-stats" else None,
-            "latent": getattr(enc, "latent", None)}
+            "latent": getattr(enc, "latent", None), "moments_dtype": dtype if posterior else None}
 
     with group:
         group.barrier()  # every rank has checked out_dir before rank 0 writes the plan into it
@@ -403,9 +430,12 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
             plan_path = out / BUILD_DIR / PLAN_FILE
             if plan_path.is_file():  # resuming: the same arguments and listing, the recorded normaliser
                 plan = json.loads(plan_path.read_text())
+                # plans from before the choice wrote float16 moments
+                recorded = {"moments_dtype": "float16" if plan["args"].get("latent") == "posterior" else None,
+                            **plan["args"]}
                 for key, value in args.items():
-                    if plan["args"].get(key) != value:
-                        raise ConfigError(key, value, f"the unfinished build in {out} used {plan['args'].get(key)!r}; "
+                    if recorded.get(key) != value:
+                        raise ConfigError(key, value, f"the unfinished build in {out} used {recorded.get(key)!r}; "
                                           "resume it with the same arguments")
                 if plan["fingerprint"] != data.fingerprint():
                     raise ConfigError("source", spec, f"is not what the unfinished build in {out} started from (its "
@@ -430,7 +460,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
             for split, index in mine:
                 items = [next(stream) for _ in shard_rows[(split, index)]]
                 _write_shard(out, split, index, items, encode, norm, flip and split == "train", seed, data,
-                             plan["mtime"], posterior)
+                             plan["mtime"], posterior, dtype)
                 bar.update(len(items))
         stream.close()  # shuts the reader's worker processes down
         group.barrier()  # every shard is closed
@@ -467,7 +497,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                 "samples_per_shard": per_shard,
                 "flip": bool(flip),
                 "skipped_images": {"count": len(skipped), "first": skipped[:100]},
-                "dtype": "float16",
+                "dtype": dtype,
                 "latent_format": "posterior" if posterior else "sample",
                 "members": ["mean.npy", "std.npy", "cls"] if posterior else ["latent.npy", "cls"],
                 "keys": "row of the image in the source listing, 8 digits; '-flip' marks a mirrored copy",

@@ -6,10 +6,11 @@ in sampling; one FID evaluation costs <= 20% of the training time between two, i
 streaming SD-VAE-shaped latents (4x32x32 float16) >= 20x what SiT-XL/2 training consumes per GPU; the
 encoder's images/s for `igdit data build`; each loss term's step time and FLOPs against the plain diffusion
 loss, and what its extra networks cost at paper scale (``igdit.bench_terms``); LightningDiT + IG sampling and
-posterior-shard streaming (``igdit.bench_ldit``; XL/1 timings need a GPU).
+posterior-shard streaming (``igdit.bench_ldit``; XL/1 timings need a GPU); and, not a timing, how far float16
+moves stored posterior means against the posterior's std (``moments_rounding_error``).
 Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
-the median of per-round ratios. `--only data|terms|lightningdit` runs one part alone and replaces its sections
-in the report, keeping the other sections' numbers.
+the median of per-round ratios. `--only data|terms|lightningdit|moments` runs one part alone and replaces its
+sections in the report, keeping the other sections' numbers.
 """
 from __future__ import annotations
 
@@ -389,6 +390,86 @@ def data_sections(stream: dict, encode: dict) -> list[str]:
     ]
 
 
+MOMENTS_STDS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def _digits_latent_sets() -> dict[str, torch.Tensor]:
+    """The digits' identity-encoder latents, normalised in float32 as `igdit data build` computes them (before
+    it rounds them to the stored dtype), each (N, 1, h, w): the default build (8x8, the encoder's normaliser:
+    17 grey levels in [-1, 1]) and --resolution 32 --normalizer channel-stats (bilinear upsampling gives
+    continuous values, the statistics unit variance, as a VAE's normalised latents have; fitted on all images)."""
+    from igdit.data import IdentityEncoder, LatentNormalizer, load_source
+    from igdit.data.shards import _to_unit
+
+    images = load_source("digits", None).images
+    native = IdentityEncoder().encode(_to_unit(images, None))
+    upsampled = IdentityEncoder().encode(_to_unit(images, 32))
+    return {"digits 8x8, encoder normaliser": LatentNormalizer.identity(1).normalize(native),
+            "digits 32x32 bilinear, channel-stats": LatentNormalizer.from_latents(upsampled).normalize(upsampled)}
+
+
+def moments_rounding_error(stds=MOMENTS_STDS, dtypes=("float16", "float32")) -> dict:
+    """How far storing a posterior's normalised mean m in ``dtype`` moves it, against the posterior's std s:
+    |round(m) - m| / s over every element of the digits' latents (``_digits_latent_sets``), for a synthetic s
+    (the same at every element) at each level of ``stds`` (fractions of the latents' unit scale). No VAE
+    weights are needed: the mean's rounding depends only on m, and s is what it is set against.
+
+    Returns {"rows": [{"latents", "values", "abs_max", "std", "dtype", "max", "mean", "error_max", "std_rel"}, ...],
+    "stds"}: max and mean of the ratio; error_max = max |round(m) - m| (no s); abs_max = max |m|;
+    std_rel = |round(s) - s| / s, s's own rounding (a draw's spread changes by it)."""
+    rows = []
+    for name, m in _digits_latent_sets().items():
+        for dtype in dtypes:
+            error = (m.to(getattr(torch, dtype)).double() - m.double()).abs()
+            for std in stds:
+                stored = torch.tensor(std, dtype=torch.float32).to(getattr(torch, dtype)).double()
+                rows.append({"latents": name, "values": m.numel(), "abs_max": float(m.abs().max()), "std": std,
+                             "dtype": dtype, "max": float(error.max()) / std, "mean": float(error.mean()) / std,
+                             "error_max": float(error.max()),
+                             "std_rel": abs(float(stored) - float(torch.tensor(std, dtype=torch.float32))) / std})
+    return {"rows": rows, "stds": list(stds)}
+
+
+def moments_section(result: dict) -> list[str]:
+    """The report's section on ``moments_rounding_error`` (starts with '## ')."""
+    from igdit.data import bytes_per_sample
+
+    rows = result["rows"]
+    sets = list(dict.fromkeys(r["latents"] for r in rows))
+    lines = ["## Posterior moments: float16 vs float32\n",
+             "`python -m igdit.bench --only moments` (`igdit.bench.moments_rounding_error`; deterministic, no timing). "
+             "What storing a posterior's normalised mean m in float16 or float32 (`igdit data build --latent posterior "
+             "--moments-dtype`) costs against the posterior's std s: |round(m) - m| / s over every element of the "
+             "digits' identity-encoder latents, computed in float32 as the build computes them, with a synthetic s "
+             "(the same everywhere) at each level. No SD-VAE weights here, so its real posterior std is not measured. "
+             "The default digits build's 17 grey levels 2v/255 - 1 (v integer) happen to lie next to float16 "
+             "values; upsampled and normalised to unit variance, the digits' latents are continuous, as a VAE's "
+             "are, and show float16's general error, up to 2^-11 |m|.\n"]
+    for name in sets:
+        mine = [r for r in rows if r["latents"] == name]
+        half = next(r for r in mine if r["dtype"] == "float16")
+        lines += [f"**{name}** ({half['values']:,} values, |m| <= {half['abs_max']:.2f}; float16 moves m by up to "
+                  f"{half['error_max']:.2g}):\n",
+                  "| posterior std s | float16 max | float16 mean | float32 max | float32 mean |",
+                  "|---|---|---|---|---|"]
+        for std in result["stds"]:
+            at = {r["dtype"]: r for r in mine if r["std"] == std}
+            lines.append(f"| {std:g} | " + " | ".join(f"{at[d][k]:.3g}" if d in at else "-"
+                                                       for d in ("float16", "float32") for k in ("max", "mean")) + " |")
+        lines.append("")
+    std_rel = max(r["std_rel"] for r in rows if r["dtype"] == "float16")
+    quoted = [std for std in result["stds"] if std in (1e-3, 1e-2)] or result["stds"][:1]
+    small = [r for r in rows if r["latents"] == sets[-1] and r["dtype"] == "float16" and r["std"] in quoted]
+    sizes = {d: bytes_per_sample((4, 32, 32), 2, d) for d in ("float16", "float32")}
+    lines.append(f"s itself rounds to float16 within {std_rel:.1e} of itself at these levels (a draw's spread hardly "
+                 "changes); float32 stores what the encoder computed, exactly (0 above). Default: **float32**: on the "
+                 "continuous latents float16 moves m by up to " + " and ".join(
+                     f"{r['max']:.2g} s (mean {r['mean']:.2g} s) at s = {r['std']:g}" for r in small) +
+                 f", and SD-VAE's s cannot be measured here; the price is {sizes['float32']:,} instead of "
+                 f"{sizes['float16']:,} bytes per 4x32x32 posterior sample.\n")
+    return lines
+
+
 def _merge_sections(report: str, sections: list[str]) -> str:
     """Replace the report's sections whose '## ' title starts like one in `sections`; append the others."""
     new = "\n".join(sections).split("\n## ")
@@ -415,6 +496,10 @@ def _terms_part(args) -> list[str]:
     return bench_terms.sections(bench_terms.digits_step_costs(args.data), bench_terms.paper_scale_extra_flops())
 
 
+def _moments_part(args) -> list[str]:
+    return moments_section(moments_rounding_error())
+
+
 def _lightningdit_part(args) -> list[str]:
     """XL/1 with the published 124 Heun steps on a GPU; on a CPU a smaller model and schedule, said so."""
     from igdit import bench_ldit
@@ -431,8 +516,9 @@ def _lightningdit_part(args) -> list[str]:
     return lines
 
 
-PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part}
-PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT"}
+PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part, "moments": _moments_part}
+# moments: no note of date and load; the section names its command and does not depend on the machine
+PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT", "moments": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-run", action="store_true", help="skip the default run (8 minutes) and the sweep")
     parser.add_argument("--only", choices=sorted(PARTS), default=None,
                         help="one part (data: streaming and encoders; terms: the loss terms' cost; lightningdit: "
-                             "LightningDiT sampling and posterior streaming), merged into the existing report")
+                             "LightningDiT sampling and posterior streaming; moments: float16 vs float32 posterior "
+                             "moments), merged into the existing report")
     parser.add_argument("--device", default=None, help="where LightningDiT sampling is timed (default: cuda if any)")
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -453,10 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         report = out.read_text() if out.exists() else "# Benchmarks\n"
         part = PARTS[args.only](args)
-        note = (f"## {PART_TITLES[args.only]}\n\nThe sections below were measured {time.strftime('%Y-%m-%d')} on "
+        note = [f"## {PART_TITLES[args.only]}\n\nThe sections below were measured {time.strftime('%Y-%m-%d')} on "
                 f"{machine} by `python -m igdit.bench --only {args.only}` (load average {load:.1f} before, on a "
-                "machine shared with other work: medians of interleaved rounds).\n")
-        out.write_text(_merge_sections(report, [note] + part))
+                "machine shared with other work: medians of interleaved rounds).\n"] if PART_TITLES[args.only] else []
+        out.write_text(_merge_sections(report, note + part))
         print("\n".join(part))
         return 0
     data = PARTS["data"](args)
@@ -519,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {m['num_samples']:,} | {m['peak_rss_gib']:.2f} | {m['growth_mib']:.0f} | {m['seconds']:.1f} |"
               for m in memory]
     lines += [""]
-    lines += data + PARTS["terms"](args) + PARTS["lightningdit"](args)
+    lines += data + PARTS["terms"](args) + PARTS["lightningdit"](args) + PARTS["moments"](args)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run, "fid_memory": memory,

@@ -311,3 +311,18 @@ def test_an_unfinished_build_from_before_the_choice_resumes_as_float16(posterior
     resumed = build_dataset(f"imagefolder:{images}", unfinished, moments_dtype="float16", **args)
     assert resumed["dtype"] == "float16" and resumed["shard_sha256"] == meta["shard_sha256"]
 
+
+def test_the_rounding_measurement_behind_the_float32_default():
+    from igdit.bench import moments_rounding_error, moments_section
+
+    result = moments_rounding_error(stds=(1e-3, 1e-2))
+    rows = result["rows"]
+    assert {r["dtype"] for r in rows} == {"float16", "float32"} and len({r["latents"] for r in rows}) == 2
+    assert all(r["max"] == r["mean"] == r["std_rel"] == 0 for r in rows if r["dtype"] == "float32")
+    for r in (r for r in rows if r["dtype"] == "float16"):
+        assert 0 < r["mean"] <= r["max"] <= 2**-11 * r["abs_max"] / r["std"]  # round to nearest: half an ulp
+        assert r["max"] == pytest.approx(r["error_max"] / r["std"])
+    continuous = [r for r in rows if r["dtype"] == "float16" and r["latents"].startswith("digits 32x32")]
+    assert max(r["max"] for r in continuous if r["std"] == 1e-3) > 0.5  # float16 is not negligible at small stds
+    lines = moments_section(result)
+    assert lines[0] == "## Posterior moments: float16 vs float32\n" and any("| 0.001 |" in line for line in lines)

@@ -53,8 +53,16 @@ def test_a_two_arm_study_reports_what_mlflow_recorded_and_resumes_without_redoin
         final = [m.value for m in logged if m.step + 1 == 20][0]
         assert f"{final:.3g}" in text, (child.data.tags["igdit.arm"], final)
     assert "| 1. The exit head speeds up training |" in text and "inconclusive" in text  # one seed: no spread
+    assert "One seed decides nothing" in text and "at commit " in text and "torch " in text
     assert "**not run**" in text  # claims whose arms this study does not have
     assert parent.data.tags["claim.1"] == "inconclusive"
+    # every number in a CSV beside the report: both runs' curves at both evaluations, and the sampled settings
+    import csv
+
+    rows = list(csv.DictReader(open(report.parent / "measurements.csv")))
+    curve = {(r["arm"], r["step"]) for r in rows if r["metric"] == "fd_digits" and r["setting"] == "none"}
+    assert curve == {(arm, step) for arm in ("plain", "ig_head") for step in ("10", "20")}
+    assert {r["setting"] for r in rows if r["metric"] == "sampled_fd"} >= {"none", "ig", "w2.3 [0.3,1]", "w2.3 [0,1]"}
     plots = {p.name for p in (report.parent / "plots").iterdir()}
     assert {"claim1-curves.png", "claim3-heatmap.png", "claim2-bars.png"} <= plots
     images = re.findall(r"\(plots/([^)]+)\)", text)
@@ -78,12 +86,25 @@ def test_a_study_file_is_checked_when_it_loads(tmp_path, digits_root, monkeypatc
     for change, field in bad:
         with pytest.raises(ConfigError, match=f"^{re.escape(field)}"):
             StudySpec.load(str(_study(tmp_path, digits_root, **change)), quick="quick" in change)
+    with pytest.raises(ConfigError, match=r"^claims.where_ig_acts.scale: 'best' is not allowed; comparisons are fixed "
+                                          r"before the runs"):
+        StudySpec.load(str(_study(tmp_path, digits_root, claims={"where_ig_acts": {"scale": "best"}})))
+    with pytest.raises(ConfigError, match=r"^claims.where_ig_acts.against"):
+        StudySpec.load(str(_study(tmp_path, digits_root, claims={"where_ig_acts": {"against": [0.3, 1.0]}})))
+    with pytest.raises(ConfigError, match=r"^alpha"):
+        StudySpec.load(str(_study(tmp_path, digits_root, alpha=0.7)))
     monkeypatch.chdir(REPO)  # the shipped study names its base relative to the repository, where make runs
     spec = StudySpec.load("experiments/studies/reproduce.yaml")
-    assert list(spec.arms).index("st_teacher") < list(spec.arms).index("st")  # a teacher trains before its student
-    assert spec.arm_steps("st_teacher") == spec.steps // 2 and len(spec.seeds) >= 3
+    order = list(spec.arms)
+    for teacher, student in (("st_teacher", "st"), ("st_teacher_broadcast", "st_broadcast")):
+        assert order.index(teacher) < order.index(student)  # a teacher trains before its student
+        assert spec.arm_steps(teacher) == spec.arm_steps(student) // 2  # ST: 40 epochs of stage 1 for 80 of stage 2
+    assert len(spec.seeds) >= 5 and spec.evaluate_every <= 250
+    for arm in ("plain", "ig_head", "ig_accel", "ig_accel_x0"):  # the claims about speed run past the steep part
+        assert spec.arm_steps(arm) >= 1500
+    assert spec.claims.where_ig_acts.scale == 2.3 and spec.claims.where_ig_acts.interval == (0.3, 1.0)
     quick = StudySpec.load("experiments/studies/reproduce.yaml", quick=True)
-    assert "st_teacher" in quick.arms and len(quick.seeds) == 1
+    assert list(quick.arms) == ["plain", "ig_head"] and len(quick.seeds) == 1 and quick.arm_steps("plain") >= 1500
 
 
 def test_a_study_trains_seed_by_seed_and_a_first_pass_over_some_seeds_lands_where_the_whole_study_reads(
@@ -100,3 +121,41 @@ def test_a_study_trains_seed_by_seed_and_a_first_pass_over_some_seeds_lands_wher
     Study(whole).train_all()
     # every arm with seed 0 before any arm with seed 1: a study stopped early already covers every arm
     assert trained == [(arm, seed) for seed in (0, 1, 2) for arm in whole.arms]
+
+
+def test_a_run_is_claimed_by_one_live_process_and_taken_over_from_a_dead_one(tmp_path, digits_root):
+    import os
+    import subprocess
+    import sys
+
+    from igdit.study.runner import Study
+
+    study = Study(StudySpec.load(str(_study(tmp_path, digits_root))))
+    assert study._claim("plain", 0)  # this process holds it now
+    assert not study._claim("plain", 0)  # ... and nobody else gets it while it lives
+    claim = study.run_folder("plain", 0) / "claim"
+    assert claim.read_text() == str(os.getpid())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    claim.write_text(str(gone.pid))  # a worker that was killed holding the run
+    assert study._claim("plain", 0) and claim.read_text() == str(os.getpid())
+
+
+@pytest.mark.slow
+def test_two_workers_train_every_run_once_and_the_report_reads_them_back(tmp_path, digits_root):
+    from igdit.cli import main
+
+    path = _study(tmp_path, digits_root, seeds=[0, 1], steps=10, evaluate_every=10)
+    assert main(["reproduce", str(path), "--workers", "2", "--train_only"]) == 0
+    runs = tmp_path / "results" / "full" / "runs"
+    done = sorted(p.parent.name for p in runs.glob("*/done.json"))
+    assert done == ["ig_head-seed0", "ig_head-seed1", "plain-seed0", "plain-seed1"]
+    assert not list(runs.glob("*/claim"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("igdit-reproduction").experiment_id
+    assert len(client.search_runs([experiment], filter_string="tags.`igdit.role` = 'training'")) == 4
+    assert not (tmp_path / "results" / "full" / "REPRODUCTION.md").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/done.json")}
+    assert main(["reproduce", str(path)]) == 0  # the report: nothing trained again
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    assert (tmp_path / "results" / "full" / "REPRODUCTION.md").is_file()

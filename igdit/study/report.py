@@ -1,7 +1,6 @@
 """REPRODUCTION.md and its plots, written from the claims (nothing typed in by hand), and the same into MLflow."""
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from igdit.study.claims import Claim  # noqa: E402
-from igdit.study.verdict import RULE, estimate  # noqa: E402
+from igdit.study.verdict import estimate, rule  # noqa: E402
 
 
 def _band(ax, series: dict[int, list[float]], label: str) -> None:
@@ -75,46 +74,61 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(study, claims: list[Claim], seconds: float) -> Path:
-    """REPRODUCTION.md in the study's results folder, with a plot folder beside it."""
+def write_report(study, claims: list[Claim], seconds: float, provenance: dict) -> Path:
+    """REPRODUCTION.md in the study's results folder, with a plot folder and measurements.csv beside it."""
     spec, folder = study.spec, study.folder
     plots = {claim.key: plot_claim(claim, folder / "plots") for claim in claims}
     e, p = spec.evaluation, spec.probe
     command = f"igdit reproduce {spec.path}{' --quick' if spec.quick else ''}" + (
         f" --seeds '{spec.seeds}'" if spec.seeds_subset else "")
+    commits = sorted({r.get("commit", "unknown") for r in study.records.values()})
+    versions = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items())
     lines = [f"# Reproduction: {spec.name} ({'quick' if spec.quick else 'full'} study)", "",
-             f"Written by `{command}` on "
-             f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {seconds / 60:.0f} min of wall time for this session "
-             f"(runs finished in earlier sessions are read back, not redone; the {len(study.records)} training runs "
-             f"took {sum(r['seconds'] for r in study.records.values()) / 60:.0f} min in all). Every number and plot "
-             "below comes from the runs; rerunning regenerates them.", "",
-             "**Protocol.** Data: the digits of scikit-learn (8×8, pixel space), base experiment "
-             f"`{spec.base}` (SiT-T/2 and its options); {len(spec.seeds)} seed(s) per arm "
-             f"({', '.join(map(str, spec.seeds))}: "
-             f"model init, data order and sampling noise); {spec.steps} training steps (helpers as listed), evaluated "
-             f"every {spec.evaluate_every}. Fréchet distance `fd_digits` (a small CNN trained on the training split; "
-             f"not Inception FID) of K = {e.num_samples} class-balanced samples against the training split, sampler "
-             f"{e.sampler} with {e.steps} steps, EMA weights; IG scale {e.ig_scale:g}, CFG {e.cfg_scale:g} on "
-             f"[{e.cfg_interval[0]:g}, {e.cfg_interval[1]:g}], Autoguidance {e.ag_scale:g}. Linear probe: logistic "
-             f"regression on mean-pooled block-{p.block} tokens at t = {p.t:g} (null label), fit on {p.train_samples} "
-             "training images, accuracy on the validation split.", "",
-             f"**Verdict rule.** {RULE[0].upper() + RULE[1:]}. Numbers are mean ± standard error over seeds.", "",
-             "| claim | paper | ours | verdict |", "|---|---|---|---|"]
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d')} at commit {provenance['commit']}; {versions}; "
+             f"{provenance['machine']}. {seconds / 60:.0f} min of wall time for this invocation (runs finished "
+             f"earlier are read back, not redone; the {len(study.records)} training runs took "
+             f"{sum(r['seconds'] for r in study.records.values()) / 60:.0f} min in all, trained at "
+             f"{', '.join(commits)}). Every number and plot below comes from the runs; rerunning regenerates them. "
+             "Every measured value is in `measurements.csv` beside this report (arm, seed, step, setting, metric, "
+             "value).", ""]
+    if len(spec.seeds) == 1:
+        lines += ["**One seed decides nothing.** With a single seed there is no spread to test against, so every "
+                  "verdict below is inconclusive: read the numbers as a first look at the direction of each effect, "
+                  "and run the full study (several seeds) before drawing any conclusion.", ""]
+    lines += ["**Protocol.** Data: the digits of scikit-learn (8×8, pixel space), base experiment "
+              f"`{spec.base}` (SiT-T/2 and its options); {len(spec.seeds)} seed(s) per arm "
+              f"({', '.join(map(str, spec.seeds))}: model init, data order and sampling noise); arms train "
+              f"{spec.steps} steps × their budget ("
+              + ", ".join(f"{name} {spec.arm_steps(name)}" for name in spec.arms)
+              + f"), evaluated every {spec.evaluate_every}; arms of different lengths are compared at the last step "
+              "both reached. Fréchet distance `fd_digits` (a small CNN trained on the training split; not Inception "
+              f"FID) of K = {e.num_samples} class-balanced samples against the training split, sampler {e.sampler} "
+              f"with {e.steps} steps, EMA weights; IG scale {e.ig_scale:g}, CFG {e.cfg_scale:g} on "
+              f"[{e.cfg_interval[0]:g}, {e.cfg_interval[1]:g}], Autoguidance {e.ag_scale:g}. Linear probe: logistic "
+              f"regression on mean-pooled block-{p.block} tokens at t = {p.t:g} (null label), fit on {p.train_samples} "
+              "training images, accuracy on the validation split.", "",
+              f"**Verdict rule.** {rule(spec.alpha)[0].upper() + rule(spec.alpha)[1:]}. Tables give mean ± standard "
+              "error over seeds; each comparison reads: difference (claimed side minus baseline) [95% CI] (test, "
+              "degrees of freedom, one-sided p, Holm-adjusted p) → verdict.", "",
+              "| claim | paper | ours | verdict |", "|---|---|---|---|"]
     for claim in claims:
         lines.append(f"| {claim.key}. {claim.title} | {claim.paper} | {claim.measured or '—'} | **{claim.verdict}** |")
     for claim in claims:
         lines += ["", f"## {claim.key}. {claim.title} — {claim.verdict}", "", f"*Paper:* {claim.paper}", ""]
         if claim.measured:
             lines += [f"*Measured:* {claim.measured}", ""]
-        if claim.rows:
-            lines += ["| " + " | ".join(claim.rows[0]) + " |", "|" + "---|" * len(claim.rows[0])]
-            lines += ["| " + " | ".join(row) + " |" for row in claim.rows[1:]]
+        for title, rows in ([("", claim.rows)] if claim.rows else []) + claim.tables:
+            lines += [f"*{title}*", ""] if title else []
+            lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
             lines.append("")
         lines += [note for note in claim.notes] + ([""] if claim.notes else [])
         lines += [f"![claim {claim.key}](plots/{path.name})" for path in plots[claim.key]]
     path = folder / "REPRODUCTION.md"
     path.write_text("\n".join(lines) + "\n")
     study.client.log_artifact(study.parent_id, str(path))
+    if (folder / "measurements.csv").is_file():
+        study.client.log_artifact(study.parent_id, str(folder / "measurements.csv"))
     study.client.log_artifacts(study.parent_id, str(folder / "plots"), artifact_path="plots")
     for claim in claims:
         study.client.set_tag(study.parent_id, f"claim.{claim.key}", claim.verdict)

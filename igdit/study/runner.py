@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from igdit.checkpoints import load_module
+from igdit.config import TrainingStopped
 from igdit.data import LatentDataModule
 from igdit.experiment import run_lightning_cli
 from igdit.generation import Sampling
@@ -66,10 +67,98 @@ class Study:
         return self.folder / "runs" / f"{arm}-seed{seed}"
 
     def train_all(self) -> None:
-        """Seed by seed, so that a study stopped early already covers every arm (arms in dependency order)."""
-        for seed in self.spec.seeds:
-            for arm in self.spec.arms:
+        """Seed by seed, so that a study stopped early already covers every arm (arms in dependency order). Says
+        which run of how many starts, and when the rest should end (from the time per step of the runs trained
+        so far in this session)."""
+        plan = [(arm, seed) for seed in self.spec.seeds for arm in self.spec.arms]
+        spent, trained_steps = 0.0, 0
+        for i, (arm, seed) in enumerate(plan, start=1):
+            if (self.run_folder(arm, seed) / "done.json").is_file():
                 self.records[(arm, seed)] = self.train(arm, seed)
+                continue
+            left = sum(self.spec.arm_steps(a) for a, s in plan[i - 1:]
+                       if not (self.run_folder(a, s) / "done.json").is_file())
+            eta = f", ETA {_duration(spent / trained_steps * left)}" if trained_steps else ""
+            self.say(f"run {i}/{len(plan)}: arm {arm}, seed {seed}{eta}")
+            start = time.perf_counter()
+            self.records[(arm, seed)] = self.train(arm, seed)
+            spent += time.perf_counter() - start
+            trained_steps += self.spec.arm_steps(arm)
+
+    # ---- training in several processes ---------------------------------------------------------------------
+    def train_in_parallel(self, workers: int, argv: list[str]) -> None:
+        """Train the study's runs in ``workers`` processes at once (``igdit reproduce ... --worker``), each with
+        its share of the CPU threads, then read every run back. On a small CPU, processes of one thread each train
+        more runs per hour than one process with all threads (2 cores: 1.5x, BENCHMARKS.md). The feature network
+        and the reference statistics every run's evaluation reads are computed once here, before the workers
+        start, so that they never race to write them."""
+        import os
+        import subprocess
+
+        self.evaluator()
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.say(f"training in {workers} processes of {threads} thread(s) each")
+        procs = [subprocess.Popen([sys.executable, "-m", "igdit.cli", "reproduce", *argv, "--worker", str(k)], env=env)
+                 for k in range(workers)]
+        failed = [k for k, proc in enumerate(procs) if proc.wait() != 0]
+        if failed:
+            raise TrainingStopped(f"training worker(s) {failed} of the study stopped with an error (printed above); "
+                                  "run the same command again to continue where they stopped")
+        self.train_all()  # every run is done: read back
+
+    def train_claimed(self, worker: int) -> None:
+        """A worker's loop: train the first run in the study's order that is not done, whose checkpoint
+        dependencies are done, and that no live process has claimed (an exclusive ``claim`` file in its folder
+        names the process; a claim whose process is gone is taken over); wait while the rest are claimed."""
+        plan = [(arm, seed) for seed in self.spec.seeds for arm in self.spec.arms]
+
+        def done(arm: str, seed: int) -> bool:
+            return (self.run_folder(arm, seed) / "done.json").is_file()
+
+        while True:
+            pending = [(arm, seed) for arm, seed in plan if not done(arm, seed)]
+            if not pending:
+                return
+            ready = next(((arm, seed) for arm, seed in pending
+                          if all(done(need, seed) for need in self.spec.arms[arm].needs()) and self._claim(arm, seed)),
+                         None)
+            if ready is None:
+                time.sleep(5)
+                continue
+            arm, seed = ready
+            self.say(f"[worker {worker}] run {plan.index(ready) + 1}/{len(plan)}: arm {arm}, seed {seed} "
+                     f"({len(pending) - 1} others not done yet)")
+            try:
+                for need in self.spec.arms[arm].needs():
+                    self.records[(need, seed)] = self.train(need, seed)  # done: read back
+                self.train(arm, seed)
+            finally:
+                (self.run_folder(arm, seed) / "claim").unlink(missing_ok=True)
+
+    def _claim(self, arm: str, seed: int) -> bool:
+        """Take the run for this process, or False when a live process holds it."""
+        import os
+
+        folder = self.run_folder(arm, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        claim = folder / "claim"
+        for _ in range(2):
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = int(claim.read_text() or 0)
+                except (OSError, ValueError):
+                    holder = 0
+                if holder and _alive(holder):
+                    return False
+                claim.unlink(missing_ok=True)  # its process is gone (killed): take the run over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        return False
 
     def train(self, arm: str, seed: int) -> dict:
         """One arm with one seed; a finished run is read back, an interrupted one resumes from its last checkpoint."""
@@ -96,7 +185,8 @@ class Study:
                        for p in sorted(folder.rglob("step=*.ckpt"))}
         record = {"arm": arm, "seed": seed, "run_id": run_id, "last": str(next(folder.rglob("last.ckpt"))),
                   "checkpoints": {str(k): v for k, v in sorted(checkpoints.items())},
-                  "fd": self.fd_history(run_id), "seconds": round(time.perf_counter() - start, 1)}
+                  "fd": self.fd_history(run_id), "seconds": round(time.perf_counter() - start, 1),
+                  "commit": provenance()["commit"]}
         done.write_text(json.dumps(record, indent=1))
         return record
 
@@ -170,7 +260,6 @@ class Study:
         def compute():
             module = load_module(checkpoint)
             rules = {name: build_rules(spec, f"study.{name}") for name, spec in settings.items()}
-            out = {}
             results, _ = evaluate_settings(module, rules, self.evaluator(), e.num_samples,
                                            Sampling(e.sampler, e.steps), seed=seed, grid_size=0)
             return {name: {k: r[k] for k in ("fd", "nfe", "cost")} for name, r in results.items()}
@@ -237,17 +326,97 @@ def _get(cfg: dict, path: str) -> Any:
     return cfg
 
 
-def run_study(spec: StudySpec, out=sys.stdout) -> Path:
-    """Train what is not trained yet, evaluate, write REPRODUCTION.md and its plots; returns the report's path."""
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def provenance() -> dict:
+    """What produced the numbers: the git commit of the checkout igdit runs from (when it is one), the versions of
+    the packages that compute them, and the machine."""
+    import os
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", ""
+    versions = {}
+    for name in ("igdit", "torch", "lightning", "scipy", "numpy", "mlflow"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"commit": commit + (" (with uncommitted changes)" if dirty and commit != "unknown" else ""),
+            "versions": versions, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                                             f"{platform.system()} {platform.release()}, Python "
+                                             f"{platform.python_version()}"}
+
+
+def write_measurements(study, results: Results) -> Path:
+    """Every number the study measured, one row each (arm, seed, step, setting, metric, value): the FD curves every
+    run logged, each run's training time, and the evaluations the claims read (sampling settings, probes)."""
+    import csv
+
+    rows = []
+    for (arm, seed), record in sorted(study.records.items(), key=lambda item: (item[0][1], item[0][0])):
+        for setting, curve in sorted(record["fd"].items()):
+            rows += [{"arm": arm, "seed": seed, "step": int(step), "setting": setting, "metric": "fd_digits",
+                      "value": value} for step, value in sorted(curve.items(), key=lambda kv: int(kv[0]))]
+        rows.append({"arm": arm, "seed": seed, "step": study.spec.arm_steps(arm), "setting": "",
+                     "metric": "train_seconds", "value": record["seconds"]})
+    rows += results.measurements
+    path = study.folder / "measurements.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["arm", "seed", "step", "setting", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def run_study(spec: StudySpec, out=sys.stdout, workers: int = 1, argv: Optional[list[str]] = None,
+              train_only: bool = False) -> Optional[Path]:
+    """Train what is not trained yet (in ``workers`` processes started with ``argv``, the command's own
+    arguments), evaluate, write REPRODUCTION.md, its plots and measurements.csv; returns the report's path
+    (None with ``train_only``)."""
     start = time.perf_counter()
     study = Study(spec, out)
     study.say(f"study {spec.name} ({'quick' if spec.quick else 'full'}): {len(spec.arms)} arms x {len(spec.seeds)} "
               f"seed(s) into {study.folder}; MLflow parent run {study.parent_id} in {study.uri}")
     try:
-        study.train_all()
+        if workers > 1:
+            study.train_in_parallel(workers, argv or [])
+        else:
+            study.train_all()
+        if train_only:
+            study.client.set_terminated(study.parent_id, status="FINISHED")
+            study.say("every run is trained; the same command without --train_only writes the report")
+            return None
         results = Results(study)
-        claims = [make(results) for make in CLAIMS]
-        report = write_report(study, claims, time.perf_counter() - start)
+        claims = []
+        for i, make in enumerate(CLAIMS, start=1):
+            study.say(f"evaluating claim {i}/{len(CLAIMS)} ({make.__name__.removeprefix('claim_').replace('_', ' ')})")
+            claims.append(make(results))
+        write_measurements(study, results)
+        report = write_report(study, claims, time.perf_counter() - start, provenance())
     except BaseException:
         study.client.set_terminated(study.parent_id, status="KILLED")
         raise

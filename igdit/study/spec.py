@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
-from igdit.config import ConfigError, build
+from igdit.config import ConfigError, build, check_interval
 
 REFERENCE = re.compile(r"^\$\{checkpoint:([\w.-]+)\}$")
 
@@ -72,6 +72,22 @@ class Probe:
 
 
 @dataclass
+class WhereIGActs:
+    """Claim 3's test, fixed before any run: IG at ``scale`` on ``interval`` against the same scale on ``against``
+    (t = 1 is noise), paired on the same checkpoints. Defaults: the paper's best SiT-B/2 setting (w 2.3 on [0.3, 1])
+    against every step. The heat-map over ``evaluation.heatmap_*`` is drawn beside it and tests nothing."""
+
+    scale: PositiveFloat = 2.3
+    interval: tuple[float, float] = (0.3, 1.0)
+    against: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclass
+class ClaimSettings:
+    where_ig_acts: WhereIGActs = field(default_factory=WhereIGActs)
+
+
+@dataclass
 class Quick:
     arms: Optional[list[str]] = None
     seeds: Optional[list[NonNegativeInt]] = None
@@ -94,6 +110,25 @@ class StudyFile:
     mlflow_experiment: str = "igdit-reproduction"
     tracking_uri: Optional[str] = None
     quick: Quick = field(default_factory=Quick)
+    alpha: float = 0.05
+    claims: ClaimSettings = field(default_factory=ClaimSettings)
+
+
+# Words that ask for a comparison to be chosen from the results (the cell that did best on the seeds it is then tested
+# on): refused, since a test of the winner of 16 cells on the same seeds is biased toward "holds".
+_CHOSEN_AFTER = ("best", "min", "max", "selected", "select", "auto", "argmin", "argmax")
+
+
+def _refuse_choice_after_the_fact(raw: dict) -> None:
+    settings = ((raw.get("claims") or {}).get("where_ig_acts") or {}) if isinstance(raw.get("claims"), dict) else {}
+    for key in ("scale", "interval", "against"):
+        value = settings.get(key) if isinstance(settings, dict) else None
+        if isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, str) for v in value)):
+            chosen = value if isinstance(value, str) else next(v for v in value if isinstance(v, str))
+            why = ("comparisons are fixed before the runs: give the number to test (e.g. the paper's scale 2.3 and "
+                   "interval [0.3, 1.0]); a cell chosen on the seeds it is then tested on biases the test toward "
+                   "'holds'") if chosen.strip().lower() in _CHOSEN_AFTER else "expected a number"
+            raise ConfigError(f"claims.where_ig_acts.{key}", value, why)
 
 
 class StudySpec:
@@ -117,6 +152,15 @@ class StudySpec:
         self.seeds_subset = bool(seeds)
         self.steps, self.evaluate_every = int(q.steps or file.steps), int(q.evaluate_every or file.evaluate_every)
         self.evaluation, self.probe = file.evaluation, file.probe
+        if not 0 < file.alpha < 0.5:
+            raise ConfigError("alpha", file.alpha, "expected a test level in (0, 0.5), e.g. 0.05")
+        self.alpha, self.claims = float(file.alpha), file.claims
+        where = self.claims.where_ig_acts
+        where.interval = check_interval("claims.where_ig_acts.interval", where.interval)
+        where.against = check_interval("claims.where_ig_acts.against", where.against)
+        if where.interval == where.against:
+            raise ConfigError("claims.where_ig_acts.against", list(where.against),
+                              "must differ from claims.where_ig_acts.interval: the claim compares two intervals")
         if q.num_samples:
             self.evaluation.num_samples = q.num_samples
         self.mlflow_experiment, self.tracking_uri = file.mlflow_experiment, file.tracking_uri
@@ -148,6 +192,7 @@ class StudySpec:
                 raise ConfigError(f"arms.{name}.set", changes[name], "expected a mapping of dotted experiment "
                                                                      "paths to values")
             arms[name] = vars(build(Arm, arm, f"arms.{name}"))
+        _refuse_choice_after_the_fact(raw)
         file = build(StudyFile, raw | {"arms": arms})
         for name, arm in file.arms.items():  # the changes stay plain YAML values (the parser would build parts)
             arm.set = copy.deepcopy(changes[name])

@@ -6,13 +6,11 @@ Any config field can be overridden on the command line with its dotted path, e.g
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import yaml
-from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 

@@ -20,7 +20,6 @@ from igdit.guidance import Denoiser, GuidanceRule
 from igdit.images import to_uint8
 from igdit.samplers import run_sampler
 
-LABEL_MODES = ("random", "balanced")
 
 
 @dataclass

@@ -22,7 +22,6 @@ import torch
 from igdit.config import ConfigError, check_choice, check_number
 
 SAMPLERS = ("euler", "heun", "sde")
-ScheduleName = Literal["uniform", "sde", "shifted"]
 
 
 # ---- time grids ---------------------------------------------------------------------------------------

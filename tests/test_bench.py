@@ -1,5 +1,5 @@
 """`python -m igdit.bench --only data` rewrites its own sections of BENCHMARKS.md and keeps the others."""
-from igdit.bench import SIT_XL2_SAMPLES_PER_GPU, _merge_sections, data_sections
+from igdit.bench.core import SIT_XL2_SAMPLES_PER_GPU, _merge_sections, data_sections
 
 
 def _sections(rate: float) -> list[str]:
@@ -34,7 +34,7 @@ def test_the_consumption_figure_is_the_flops_bound_and_the_ratio_uses_it():
 def test_a_steps_counted_flops_are_its_networks_forward_and_backward():
     import torch
 
-    from igdit.bench_terms import step_flops
+    from igdit.bench.terms import step_flops
     from helpers import tiny_module
 
     plain = tiny_module(backbone={"exits": []}, terms={"diffusion": {"class_path": "igdit.objectives.DiffusionLoss"}})
@@ -53,7 +53,7 @@ def test_a_steps_counted_flops_are_its_networks_forward_and_backward():
 
 
 def test_the_loss_term_section_reports_every_arm_and_the_paper_scale_rows():
-    from igdit.bench_terms import sections
+    from igdit.bench.terms import sections
 
     digits = {"steps": 25, "rounds": 3, "arms": {
         "plain": {"step_ms": 40.0, "time_ratio": 1.0, "gflops": 15.0, "flops_ratio": 1.0},

@@ -1,7 +1,7 @@
-"""igdit.bench_ldit on a tiny model: the measurements run end to end and the report states what they measured."""
+"""igdit.bench.lightningdit on a tiny model: the measurements run end to end and the report states what they measured."""
 import pytest
 
-from igdit.bench_ldit import exit_head_flops, posterior_streaming, sampling_throughput, sections
+from igdit.bench.lightningdit import exit_head_flops, posterior_streaming, sampling_throughput, sections
 
 
 def test_exit_head_costs_a_fraction_of_a_percent_of_xl1():

@@ -313,7 +313,7 @@ def test_an_unfinished_build_from_before_the_choice_resumes_as_float16(posterior
 
 
 def test_the_rounding_measurement_behind_the_float32_default():
-    from igdit.bench import moments_rounding_error, moments_section
+    from igdit.bench.core import moments_rounding_error, moments_section
 
     result = moments_rounding_error(stds=(1e-3, 1e-2))
     rows = result["rows"]

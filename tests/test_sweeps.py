@@ -135,14 +135,14 @@ def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path, d
 
     space = {"guidance.ig.scale": {"type": "categorical", "choices": [1.5, 2.0], "grid": [1.5, 2.0]}}
     path = _sweep(tmp_path, digits_root, study__sampler=GRID, study__n_trials=None, search_space=space)
-    original = sweeps.SamplingObjective.__call__
+    original = sweeps.SamplingTrial.__call__
 
     def fail_at_1_5(self, trial, values, run_id):
         if values["guidance.ig.scale"] == 1.5:
             raise RuntimeError("out of memory at scale 1.5")
         return original(self, trial, values, run_id)
 
-    monkeypatch.setattr(sweeps.SamplingObjective, "__call__", fail_at_1_5)
+    monkeypatch.setattr(sweeps.SamplingTrial, "__call__", fail_at_1_5)
     out = io.StringIO()
     run_sweep(SweepSpec.load(str(path)), str(checkpoint), out=out)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -173,7 +173,7 @@ def test_an_interrupted_sweep_resumes_and_redoes_the_interrupted_trial(tmp_path,
 
     path = str(_sweep(tmp_path, digits_root))
     calls = {"n": 0}
-    original = sweeps.SamplingObjective.__call__
+    original = sweeps.SamplingTrial.__call__
 
     def interrupt_second(self, trial, values, run_id):
         calls["n"] += 1
@@ -181,14 +181,14 @@ def test_an_interrupted_sweep_resumes_and_redoes_the_interrupted_trial(tmp_path,
             raise KeyboardInterrupt
         return original(self, trial, values, run_id)
 
-    monkeypatch.setattr(sweeps.SamplingObjective, "__call__", interrupt_second)
+    monkeypatch.setattr(sweeps.SamplingTrial, "__call__", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(SweepSpec.load(path), str(checkpoint), out=io.StringIO())
     _, parents = _runs(tmp_path, "study")
     assert parents[0].info.status == "KILLED"
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
-    monkeypatch.setattr(sweeps.SamplingObjective, "__call__", original)
+    monkeypatch.setattr(sweeps.SamplingTrial, "__call__", original)
     out = io.StringIO()
     run_sweep(SweepSpec.load(path), str(checkpoint), out=out)
     assert "1 trial(s) finished, 2 to run" in out.getvalue()

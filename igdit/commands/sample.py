@@ -14,7 +14,6 @@ the layout the ADM evaluation suite reads; `labels`: N class labels).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional

@@ -376,7 +376,6 @@ ENCODERS: dict[str, Callable[..., LatentEncoder]] = {
     LDMVAE.name: LDMVAE,
 }
 PATH_ENCODERS = (VAVAE.name, LDMVAE.name)  # written <name>:<path> as well as with a separate path option
-ENCODER_OPTIONS = ("path", "latent", "device")  # what a description or the command line may pass to a VAE
 
 
 def build_encoder(spec, **options) -> LatentEncoder:

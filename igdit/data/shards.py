@@ -24,7 +24,7 @@ meta.json ``dtype`` is the dtype of the stored arrays (``float16`` for ``sample`
 ``posterior``; builds that predate the choice wrote ``float16``). Why the moments default to float32: rounding
 mean' to float16 moves it by up to 2^-11 |mean'| (9.8e-4 for |mean'| in [2, 4)), and what that costs is its size
 against std', the spread of the draws. Measured on the digits' continuous unit-variance latents (upsampled,
-channel-stats; ``igdit.bench.moments_rounding_error``, BENCHMARKS.md "Posterior moments: float16 vs float32"),
+channel-stats; ``igdit.bench.core.moments_rounding_error``, BENCHMARKS.md "Posterior moments: float16 vs float32"),
 float16 moves mean' by up to 0.98 std' (0.16 on average) where std' = 1e-3, and by up to 0.098 std' (0.016) where
 std' = 1e-2. SD-VAE's posterior std cannot be measured without its weights, so float16 is not shown to be harmless
 for it; float32 stores the encoder's float32 moments exactly, at 35,840 instead of 19,456 bytes per 4x32x32 sample
@@ -76,7 +76,6 @@ def _igdit_version() -> str:
         return "unknown"
 
 
-LATENT_FORMATS = ("sample", "posterior")
 MOMENTS_DTYPES = ("float16", "float32")
 DEFAULT_MOMENTS_DTYPE = "float32"  # why: the module docstring
 

@@ -18,7 +18,7 @@ from igdit.objectives.base import (
 from igdit.objectives.cosine import CosineVelocityLoss, cosine_velocity_loss
 from igdit.objectives.diffusion import DiffusionLoss
 from igdit.objectives.dispersive import DispersiveLoss, dispersive_loss
-from igdit.objectives.encoders import DigitsPatchEncoder, DINOv2Encoder, PatchEncoder
+from igdit.objectives.teachers import DigitsPatchEncoder, DINOv2Encoder, PatchEncoder
 from igdit.objectives.exit import ExitLoss
 from igdit.objectives.ig_accel import IGAccelLoss
 from igdit.objectives.layersync import LayerSyncLoss

@@ -8,7 +8,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from igdit.config import ConfigError
 from igdit.objectives.base import LossInputs, LossTerm, check_block, mlp
-from igdit.objectives.encoders import PatchEncoder
+from igdit.objectives.teachers import PatchEncoder
 
 
 def negative_token_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import optuna
 
 from igdit.config import ConfigError
-from igdit.sweeps.objectives import SamplingObjective, TrainingObjective, check_constraints
+from igdit.sweeps.trials import SamplingTrial, TrainingTrial, check_constraints
 from igdit.sweeps.report import SweepTracker, finished_trials
 from igdit.sweeps.spec import SweepSpec
 
@@ -54,9 +54,9 @@ def run_sweep(spec: SweepSpec, checkpoint: Optional[str] = None, n_trials: Optio
         if checkpoint is None:
             raise ConfigError("checkpoint", None, f"a sampling sweep scores a trained checkpoint; run `make train` "
                                                   f"(CONFIG={spec.base}) first or pass --ckpt")
-        objective = SamplingObjective(spec, checkpoint)
+        objective = SamplingTrial(spec, checkpoint)
     else:
-        objective = TrainingObjective(spec)
+        objective = TrainingTrial(spec)
     tracker = SweepTracker(spec)
     study = optuna.create_study(storage=study_storage(spec, tracker), study_name=spec.name, direction=spec.direction,
                                 pruner=spec.optuna_pruner(), load_if_exists=True)

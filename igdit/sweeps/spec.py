@@ -42,7 +42,6 @@ from igdit.distributed import device_count
 from igdit.experiment import parse_experiment
 from igdit.guidance import RULES, build_rules, describe
 
-KINDS = ("sampling", "training")
 EVALUATION_KEYS = ("num_samples", "sampler", "steps", "schedule", "labels", "seed", "batch_size", "every_n_steps")
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(<=|<)\s*([\w.]+)\s*$")
 Scalar = Union[bool, int, float, str, None]
@@ -136,7 +135,9 @@ class MlflowSpec:
 
 
 @dataclass
-class Objective:
+class TrialScore:
+    """What a trial is scored by (the sweep file's ``objective:``): a guidance setting's Fréchet metric."""
+
     setting: str = "none"
     metric: Optional[Literal["fd_digits", "fid", "is"]] = None
 
@@ -149,7 +150,7 @@ class SweepFile:
     kind: Literal["sampling", "training"]
     base: str
     search_space: dict[str, ParamSpec]
-    objective: Objective = field(default_factory=Objective)
+    objective: TrialScore = field(default_factory=TrialScore)
     evaluation: dict[str, Any] = field(default_factory=dict)
     train: Optional[TrainSpec] = None
     checkpoint: Optional[str] = None

@@ -5,8 +5,8 @@ step against the same backbone without it; peak memory of the default run < 4 Gi
 in sampling; one FID evaluation costs <= 20% of the training time between two, in memory flat in K;
 streaming SD-VAE-shaped latents (4x32x32 float16) >= 20x what SiT-XL/2 training consumes per GPU; the
 encoder's images/s for `igdit data build`; each loss term's step time and FLOPs against the plain diffusion
-loss, and what its extra networks cost at paper scale (``igdit.bench_terms``); LightningDiT + IG sampling and
-posterior-shard streaming (``igdit.bench_ldit``; XL/1 timings need a GPU); and, not a timing, how far float16
+loss, and what its extra networks cost at paper scale (``igdit.bench.terms``); LightningDiT + IG sampling and
+posterior-shard streaming (``igdit.bench.lightningdit``; XL/1 timings need a GPU); and, not a timing, how far float16
 moves stored posterior means against the posterior's std (``moments_rounding_error``).
 Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
 the median of per-round ratios. `--only data|terms|lightningdit|moments` runs one part alone and replaces its
@@ -181,13 +181,13 @@ def sampling_sweep(sweep: str, checkpoint: str, scratch: str, n_trials: int = 8)
 
     import optuna
 
-    from igdit.sweeps import SamplingObjective, SweepSpec, run_sweep
+    from igdit.sweeps import SamplingTrial, SweepSpec, run_sweep
 
     spec = SweepSpec.load(sweep)
     spec.storage = f"sqlite:///{scratch}/optuna.db"
     spec.tracking_uri = f"sqlite:///{scratch}/mlflow.db"
     start = time.perf_counter()
-    SamplingObjective(spec, checkpoint)  # what the runner builds once per sweep
+    SamplingTrial(spec, checkpoint)  # what the runner builds once per sweep
     setup = time.perf_counter() - start
     run_sweep(spec, checkpoint, n_trials=n_trials, out=io.StringIO())
     trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
@@ -437,7 +437,7 @@ def moments_section(result: dict) -> list[str]:
     rows = result["rows"]
     sets = list(dict.fromkeys(r["latents"] for r in rows))
     lines = ["## Posterior moments: float16 vs float32\n",
-             "`python -m igdit.bench --only moments` (`igdit.bench.moments_rounding_error`; deterministic, no timing). "
+             "`python -m igdit.bench --only moments` (`igdit.bench.core.moments_rounding_error`; deterministic, no timing). "
              "What storing a posterior's normalised mean m in float16 or float32 (`igdit data build --latent posterior "
              "--moments-dtype`) costs against the posterior's std s: |round(m) - m| / s over every element of the "
              "digits' identity-encoder latents, computed in float32 as the build computes them, with a synthetic s "
@@ -491,7 +491,7 @@ def _data_part(args) -> list[str]:
 
 
 def _terms_part(args) -> list[str]:
-    from igdit import bench_terms
+    from igdit.bench import terms as bench_terms
 
     return bench_terms.sections(bench_terms.digits_step_costs(args.data), bench_terms.paper_scale_extra_flops())
 
@@ -502,7 +502,7 @@ def _moments_part(args) -> list[str]:
 
 def _lightningdit_part(args) -> list[str]:
     """XL/1 with the published 124 Heun steps on a GPU; on a CPU a smaller model and schedule, said so."""
-    from igdit import bench_ldit
+    from igdit.bench import lightningdit as bench_ldit
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = [fid_memory(args.config, args.data, k) for k in (1_000, 10_000)]
     run = None if args.skip_run else default_run(args.config, extra)
     sweep = None if run is None else sampling_sweep("sweeps/ig_guidance.yaml", run["checkpoint"], run["scratch"])
-    lines = [f"# Benchmarks\n", f"Measured {time.strftime('%Y-%m-%d')} on {machine} by `make bench` "
+    lines = ["# Benchmarks\n", f"Measured {time.strftime('%Y-%m-%d')} on {machine} by `make bench` "
              f"(`python -m igdit.bench`), config `{args.config}`.\n",
              "## Exit head cost (target: <= 1% of a training step)\n",
              f"Same backbone, same batch ({overhead['batch']}), forward + backward + AdamW step, "

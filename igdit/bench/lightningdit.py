@@ -5,11 +5,11 @@ Targets: LightningDiT-XL/1 + IG sampling on the shifted Heun schedule (the publi
 streaming posterior shards (VA-VAE-shaped 32x16x16 mean and std, a fresh draw at every read) keeps far ahead of
 what LightningDiT-XL/1 training consumes per GPU.
 
-    python -m igdit.bench_ldit --device cuda               # XL/1, batch 64, the full 124-step schedule
-    python -m igdit.bench_ldit --size T/1 --steps 4 --batch 8   # a quick look on a CPU
+    python -m igdit.bench.lightningdit --device cuda               # XL/1, batch 64, the full 124-step schedule
+    python -m igdit.bench.lightningdit --size T/1 --steps 4 --batch 8   # a quick look on a CPU
 
 Timings on a shared machine are noisy: settings are interleaved over rounds and medians are reported. This
-module does not import ``igdit.bench`` (bench imports this one); its GPU-throughput assumption is the same.
+module does not import ``igdit.bench.core`` (core imports this one); its GPU-throughput assumption is the same.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def sections(sampling: dict, streaming: dict, sit_bound: Optional[float] = None)
     """The report's sections (each starts with '## ') from ``sampling_throughput`` and ``posterior_streaming``.
 
     sit_bound: the SiT-XL/2 per-GPU consumption figure the data section already reports
-    (``igdit.bench.SIT_XL2_SAMPLES_PER_GPU``), to set the posterior rate against it as well.
+    (``igdit.bench.core.SIT_XL2_SAMPLES_PER_GPU``), to set the posterior rate against it as well.
     """
     s = sampling["settings"]
     ig, flops = s["ig 1.7"], sampling["flops"]

@@ -25,7 +25,7 @@ def check_constraints(spec: SweepSpec, values: dict) -> None:
             raise optuna.TrialPruned(f"constraint {left} {op} {right} does not hold ({a} vs {b})")
 
 
-class SamplingObjective:
+class SamplingTrial:
     """Scores one guidance setting per trial on a fixed checkpoint (loaded once, with the reference)."""
 
     def __init__(self, spec: SweepSpec, checkpoint: str):
@@ -74,7 +74,7 @@ class OptunaPruning(pl.Callback):
             raise optuna.TrialPruned(f"{self.monitor} {self.last_value:.4g} at step {trainer.global_step}")
 
 
-class TrainingObjective:
+class TrainingTrial:
     """Trains the base experiment with the trial's overrides through the Lightning CLI (`igdit fit`'s path)."""
 
     def __init__(self, spec: SweepSpec):

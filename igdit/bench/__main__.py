@@ -1,0 +1,5 @@
+import sys
+
+from igdit.bench.core import main
+
+sys.exit(main())

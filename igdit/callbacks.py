@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import RunningStage
 
 from igdit.config import ConfigError, TrainingStopped
 from igdit.generation import Sampling, class_grid
-from igdit.guidance import Denoiser, InternalGuidance, describe, parse_settings
+from igdit.guidance import Denoiser, describe, parse_settings
 from igdit.images import image_grid, save_grid, save_png
 from igdit.metrics.evaluate import FrechetEvaluator, check_reference, evaluate_settings
 from igdit.metrics.features import METRIC_NAMES, InceptionFeatures, inception_weights_candidates
@@ -53,30 +53,44 @@ class SamplesThroughput(ThroughputMonitor):
 
 
 class SampleGrid(pl.Callback):
-    """At the end of fit, samples one row per class with and without Internal Guidance (same noise).
+    """At the end of fit, samples one row per class under each named guidance setting (same noise), the settings
+    side by side.
 
     Runs after EMAWeightAveraging has copied the averaged weights into the model, so the grid shows the
     EMA weights. The PNG goes into the run folder and into the MLflow run's artifacts.
-    samples_per_class: images per class on each side; steps: Euler steps; ig_scale: w of the IG side.
+    samples_per_class: images per class in each setting; steps: Euler steps.
+    settings: {name: {rule: {fields}}}, as FIDCallback's (rules by key, ``ig``, ``cfg``, ``ag``, or import path);
+        default: the final head alone (``none``) and, when the backbone has an exit head, Internal Guidance at
+        w = 2 (``ig``). ig_scale: the older spelling of ``{none: {}, ig: {ig: {scale: ig_scale}}}``.
     """
 
-    def __init__(self, samples_per_class: PositiveInt = 8, steps: PositiveInt = 50, ig_scale: NonNegativeFloat = 2.0,
-                 seed: NonNegativeInt = 0, filename: str = "samples.png"):
-        self.samples_per_class, self.steps, self.ig_scale = samples_per_class, steps, ig_scale
+    def __init__(self, samples_per_class: PositiveInt = 8, steps: PositiveInt = 50, settings: Optional[dict] = None,
+                 ig_scale: Optional[NonNegativeFloat] = None, seed: NonNegativeInt = 0, filename: str = "samples.png"):
+        if settings is not None and ig_scale is not None:
+            raise ConfigError("SampleGrid.ig_scale", ig_scale, "give settings or the older ig_scale, not both")
+        if ig_scale is not None:
+            settings = {"none": {}, "ig": {"ig": {"scale": ig_scale}}}
+        self.settings = None if settings is None else parse_settings(settings, "SampleGrid.settings")
+        self.samples_per_class, self.steps = samples_per_class, steps
         self.seed, self.filename = seed, filename
         self.path: Optional[Path] = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not pl_module.backbone.exit_indices and self.ig_scale != 1.0:
-            raise ConfigError("SampleGrid.ig_scale", self.ig_scale, "needs an exit head and model.backbone.exits is "
-                                                                    "empty (1 turns the IG side off)")
+        if self.settings is None:  # the default needs the backbone: IG only where there is an exit head
+            default = {"none": {}, "ig": {"ig": {"scale": 2.0}}} if pl_module.backbone.exit_indices else {"none": {}}
+            self.settings = parse_settings(default, "SampleGrid.settings")
+        for name, rules in self.settings.items():
+            try:  # each rule checks what it needs from the model before any training step
+                Denoiser(pl_module.backbone, rules)
+            except ConfigError as err:
+                raise ConfigError(f"SampleGrid.settings.{name}.{err.field.split('.', 1)[-1]}", err.value,
+                                  err.allowed) from None
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
         sampling = Sampling("euler", self.steps)
-        blocks = class_grid(pl_module, self.samples_per_class, sampling,
-                            [[], [InternalGuidance(self.ig_scale)]], self.seed)
+        blocks = class_grid(pl_module, self.samples_per_class, sampling, list(self.settings.values()), self.seed)
         self.path = save_png(image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1])),
                              run_directory(trainer) / self.filename)
         logger = trainer.logger
@@ -103,12 +117,13 @@ class FIDCallback(pl.Callback):
     reference: "train" or "val" (the shards, decoded; statistics cached under <root>/fid_refs/) or an .npz
         with mu and sigma (e.g. the ADM suite's reference batch); reference_max_samples caps a split.
     labels: "balanced" (num_samples / classes each) or "random".
-    sampler, steps, schedule: as `igdit sample` (schedule None: the sampler's default grid).
+    sampler, steps, schedule: as `igdit sample` (schedule None: the sampler's default grid); names from
+        ``igdit.samplers.SAMPLERS`` / ``SCHEDULES`` or import paths of one's own.
     """
 
     def __init__(self, settings: Optional[dict] = None, num_samples: PositiveInt = 10_000,
-                 every_n_steps: Optional[PositiveInt] = None, sampler: Literal["euler", "heun", "sde"] = "euler",
-                 steps: PositiveInt = 50, schedule: Optional[Literal["uniform", "sde", "shifted"]] = None,
+                 every_n_steps: Optional[PositiveInt] = None, sampler: str = "euler",
+                 steps: PositiveInt = 50, schedule: Optional[str] = None,
                  labels: Literal["balanced", "random"] = "balanced", feature: Literal["digits", "inception"] = "inception",
                  reference: str = "train", reference_max_samples: Optional[PositiveInt] = 50_000,
                  cache_reference: bool = True, inception_weights: Optional[str] = None, allow_download: bool = False,
@@ -118,10 +133,8 @@ class FIDCallback(pl.Callback):
         self.settings = parse_settings({"none": {}} if settings is None else settings, f"{f}.settings")
         if num_samples < 2:
             raise ConfigError(f"{f}.num_samples", num_samples, "a Fréchet distance needs at least 2 samples")
-        if sampler == "sde" and steps < 2:
-            raise ConfigError(f"{f}.steps", steps, "the sde sampler needs at least 2 steps")
         self.num_samples, self.every_n_steps = num_samples, every_n_steps
-        self.sampling = Sampling(sampler, steps, schedule)
+        self.sampling = Sampling.checked(f"{f}.", sampler, steps, schedule)
         self.labels, self.feature = labels, feature
         self.metric_name = METRIC_NAMES[feature]
         self.reference = check_reference(reference, f"{f}.reference")

@@ -1,71 +1,22 @@
-"""Checkpoints: reading igdit's own (safely, old layouts included); the official ones are imported by
-``igdit.official``.
+"""Checkpoints: reading igdit's own (safely, old layouts included: ``igdit.models.loading``) into a whole
+IGDiTModule; the official ones are imported by ``igdit.official``.
 
 ``load_module`` rebuilds an ``IGDiTModule`` from any igdit checkpoint with ``torch.load(weights_only=True)``:
 its hyper-parameters are the model's config (class_path dicts), and checkpoints written before the parts were
 injected (a backbone *name*, ``diffusion_loss`` / ``exit_loss`` / ``optimizer`` dicts) are converted on load.
 An imported official checkpoint carries its decoder and normaliser (``igdit_data_meta``) like a trained one.
+A network that is only read (a teacher, a guide) loads as a backbone with ``igdit.models.load_backbone``.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
-from igdit.config import ConfigError
-from igdit.models import BACKBONES
+from igdit.models.loading import WEIGHTS, model_config, read_checkpoint, weights_of
 from igdit.module import build_module
 
-WEIGHTS = ("ema", "raw")
-__all__ = ["load_module", "model_config", "read_checkpoint"]
-
-
-# ---- igdit's own checkpoints ---------------------------------------------------------------------------
-def read_checkpoint(path: str | Path, field: str = "--ckpt") -> dict:
-    """An igdit checkpoint read with ``torch.load(weights_only=True)`` (no pickled code runs, whatever
-    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says); one-line ConfigError for a missing, foreign or damaged file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(field, str(path), "is not a file; pass an igdit checkpoint (.ckpt), e.g. "
-                                            "runs/<experiment>/<run>/checkpoints/last.ckpt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ConfigError(field, str(path), f"is not a readable igdit checkpoint (torch.load with "
-                                            f"weights_only=True: {first})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ConfigError(field, str(path), "is not an igdit checkpoint (no state_dict and hyper_parameters); "
-                                            "import official checkpoints with `igdit import-ckpt`")
-    return checkpoint
-
-
-def model_config(hparams: dict) -> dict:
-    """The model's config (the ``model:`` section of an experiment) from a checkpoint's hyper-parameters.
-
-    Checkpoints written before the parts were injected store a backbone *name* and ``diffusion_loss``,
-    ``exit_loss`` and ``optimizer`` dicts; they are converted to the same model: those terms under the names
-    they were logged with, AdamW with the same values and the same linear warm-up.
-    """
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "frozen_networks"}
-    if "backbone" in hparams:
-        return hparams
-    family, size = BACKBONES[hparams["name"]]
-    backbone = {"class_path": f"{family.__module__}.{family.__qualname__}", "init_args": {
-        "size": size, "exits": list(hparams["exits"]), "input_size": hparams["input_size"],
-        "in_channels": hparams["in_channels"], "num_classes": hparams["num_classes"],
-        "qk_norm": hparams.get("qk_norm", False)}}
-    terms = {"diffusion": {"class_path": "igdit.objectives.DiffusionLoss", "init_args": hparams["diffusion_loss"]},
-             "ig_exit": {"class_path": "igdit.objectives.ExitLoss", "init_args": hparams["exit_loss"]}}
-    optimizer = dict(hparams["optimizer"])
-    warmup = optimizer.pop("warmup_steps", 0)
-    return {"backbone": backbone, "terms": terms,
-            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": optimizer},
-            "lr_scheduler": {"class_path": "igdit.optim.LinearWarmup", "init_args": {"warmup_steps": warmup}}
-            if warmup else None,
-            "class_dropout": hparams.get("class_dropout", 0.1), "transport": hparams.get("transport", {}),
-            "compile": hparams.get("compile", False)}
+__all__ = ["WEIGHTS", "load_module", "model_config", "read_checkpoint"]
 
 
 def load_module(path: str | Path, field: str = "--ckpt", device: str | torch.device = "cpu",
@@ -78,11 +29,6 @@ def load_module(path: str | Path, field: str = "--ckpt", device: str | torch.dev
     """
     checkpoint = read_checkpoint(path, field)
     module = build_module(model_config(checkpoint["hyper_parameters"]))
-    if weights not in WEIGHTS:
-        raise ConfigError(f"{field} weights", weights, "choose ema or raw")
-    state = checkpoint["state_dict"] if weights == "ema" else checkpoint.get("current_model_state")
-    if state is None:
-        raise ConfigError(field, str(path), "holds one set of weights (no current_model_state); use its EMA weights")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(weights_of(checkpoint, weights, field, path), strict=True)
     module.data_meta = checkpoint.get("igdit_data_meta")
     return module.eval().to(device)

@@ -93,9 +93,10 @@ def run_summary(trainer) -> str:
     if "train/time" in logged and "train/samples" in logged:  # from ThroughputMonitor; validation excluded
         seconds, samples = float(logged["train/time"]), float(logged["train/samples"])
         lines.append(f"training        {seconds:.0f} s, {samples / max(seconds, 1e-9):.0f} samples/s")
-    samples = next((cb.path for cb in trainer.callbacks if getattr(cb, "path", None) is not None), None)
-    if samples is not None:
-        lines.append(f"samples         {samples}  (one row per class; left: final head, right: Internal Guidance)")
+    grid = next((cb for cb in trainer.callbacks if getattr(cb, "path", None) is not None), None)
+    if grid is not None:
+        columns = ", ".join(getattr(grid, "settings", None) or {})
+        lines.append(f"samples         {grid.path}  (one row per class; left to right: {columns or 'the model'})")
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
         lines.append(f"checkpoint      {trainer.checkpoint_callback.last_model_path}")
     return "\n".join(lines)

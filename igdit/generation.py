@@ -18,7 +18,7 @@ from igdit.config import ConfigError
 from igdit.data.encoders import decode_latents
 from igdit.guidance import Denoiser, GuidanceRule
 from igdit.images import to_uint8
-from igdit.samplers import run_sampler
+from igdit.samplers import check_sampling, run_sampler
 
 
 
@@ -26,19 +26,32 @@ from igdit.samplers import run_sampler
 class Sampling:
     """How samples are drawn: the sampler, its number of steps and time grid (t = 1 noise).
 
-    sampler: "sde" (Euler–Maruyama, the SiT paper's evaluation), "euler" or "heun" (ODE).
-    schedule: the time grid (default: uniform for euler/heun, the sde grid for sde); "shifted" with ``shift``
-        is LightningDiT's time shift. heun_last_step: "euler" (SiT) or "heun" (LightningDiT's heun2).
+    sampler: "sde" (Euler–Maruyama, the SiT paper's evaluation), "euler" or "heun" (ODE): a name in
+        ``igdit.samplers.SAMPLERS`` or the import path of a ``SamplerEntry``.
+    schedule: the time grid (default: the sampler's; uniform for euler/heun, the sde grid for sde): a name in
+        ``igdit.samplers.SCHEDULES`` ("uniform", "sde", "shifted": with ``shift``, LightningDiT's time shift) or
+        the import path of a grid function. heun_last_step: "euler" (SiT) or "heun" (LightningDiT's heun2).
     heun_decide: when guidance rules decide whether they act in a Heun step: once at its start ("step", the
         public SiT sampler) or at each evaluation's own time ("evaluation", LightningDiT's heun2).
     """
 
-    sampler: Literal["euler", "heun", "sde"] = "sde"
+    sampler: str = "sde"
     steps: PositiveInt = 250
-    schedule: Optional[Literal["uniform", "sde", "shifted"]] = None
+    schedule: Optional[str] = None
     shift: PositiveFloat = 0.3
     heun_last_step: Literal["euler", "heun"] = "euler"
     heun_decide: Literal["step", "evaluation"] = "step"
+
+    def __post_init__(self) -> None:
+        check_sampling(self.sampler, self.steps, self.schedule)
+
+    @classmethod
+    def checked(cls, prefix: str, *args, **kwargs) -> "Sampling":
+        """A Sampling whose errors name its fields as ``<prefix><field>`` (a callback's or a command's own)."""
+        try:
+            return cls(*args, **kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}{err.field}", err.value, err.allowed) from None
 
     def describe(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule or "default",
@@ -122,7 +135,7 @@ def generate(module, rules: list[GuidanceRule], sampling: Sampling, indices: lis
 def class_grid(module, samples_per_class: int, sampling: Sampling, settings: list[list[GuidanceRule]],
                seed: int = 0) -> list[torch.Tensor]:
     """The same noise for every class under each guidance setting: one (num_classes, samples_per_class, C, H, W)
-    uint8 block per setting (the end-of-run grid: final head alone, then with Internal Guidance)."""
+    uint8 block per setting (the end-of-run grid: e.g. the final head alone, then with Internal Guidance)."""
     k, n_cls = samples_per_class, module.num_classes
     labels = torch.arange(n_cls).repeat_interleave(k)
     was_training = module.backbone.training

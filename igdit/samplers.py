@@ -3,7 +3,10 @@ take sigmas: they know nothing about the network or the guidance, only the grid 
 
 Time runs from t = 1 (noise) to t = 0 (data). A grid is a descending list of times from 1 to 0; named schedules
 build them (``SCHEDULES``): ``uniform`` (linspace(1, 0, steps + 1)), ``sde`` (the SiT/REPA evaluation grid,
-linspace(1, 0.04, steps) then 0) and ``shifted`` (the LightningDiT time shift). The state is kept in float64,
+linspace(1, 0.04, steps) then 0) and ``shifted`` (the LightningDiT time shift). The samplers are registered in
+``SAMPLERS``. Both registries are read wherever a schedule or a sampler is offered (``Sampling``, the FIDCallback,
+`igdit sample`, the study), and both also take the import path of a function of one's own
+(``schedule: mypackage.grids.cosine``), so a new grid or sampler is one file and no edit here. The state is kept in float64,
 as the public SiT code does; the denoiser is called in the model's dtype. Each sampler returns (x at t = 0,
 NFE), NFE being the number of denoiser evaluations (a doubled CFG batch counts once, as the papers count it).
 
@@ -15,13 +18,13 @@ second evaluation only (``decide="evaluation"``).
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
 from igdit.config import ConfigError, check_choice, check_number
-
-SAMPLERS = ("euler", "heun", "sde")
 
 
 # ---- time grids ---------------------------------------------------------------------------------------
@@ -46,19 +49,42 @@ def shifted_grid(steps: int, shift: float = 0.3) -> list[float]:
     return grid
 
 
+# name -> grid function (steps[, shift]) -> descending times from 1 to 0
 SCHEDULES: dict[str, Callable[..., list[float]]] = {"uniform": uniform_grid, "sde": sde_grid, "shifted": shifted_grid}
-DEFAULT_SCHEDULE = {"euler": "uniform", "heun": "uniform", "sde": "sde"}
+
+
+def _registered(registry: dict, name: str, field: str, kind: str):
+    """``registry[name]``, or the object at the import path ``name``; one-line ConfigError otherwise."""
+    if name in registry:
+        return registry[name]
+    if isinstance(name, str) and "." in name:
+        from jsonargparse.typing import import_object
+
+        try:
+            return import_object(name)
+        except Exception:
+            pass
+    raise ConfigError(field, name, f"choose a {kind}: " + ", ".join(registry) + f" or the import path of a {kind} "
+                                   "function of your own")
+
+
+def schedule_function(schedule: str, field: str = "schedule") -> Callable[..., list[float]]:
+    """The grid function of a registered schedule name or an import path (called with ``steps``, and ``shift``
+    when it takes one)."""
+    fn = _registered(SCHEDULES, schedule, field, "time grid")
+    if not callable(fn):
+        raise ConfigError(field, schedule, "names no function (a time grid maps steps to descending times)")
+    return fn
 
 
 def time_grid(schedule: str, steps: int, shift: float = 0.3) -> list[float]:
-    """The named schedule's grid with ``steps`` steps (``shift`` only for ``shifted``)."""
-    if schedule not in SCHEDULES:
-        raise ConfigError("schedule", schedule, "choose one of " + ", ".join(SCHEDULES))
+    """The schedule's grid with ``steps`` steps (``shift`` passed to grids that take one, e.g. ``shifted``)."""
+    fn = schedule_function(schedule)
     check_number("steps", steps, low=1, integer=True)
-    if schedule == "shifted":
+    if "shift" in inspect.signature(fn).parameters:
         check_number("shift", shift, low=0, low_inclusive=False)
-        return shifted_grid(steps, shift)
-    return SCHEDULES[schedule](steps)
+        return _check_grid(fn(steps, shift=shift))
+    return _check_grid(fn(steps))
 
 
 # ---- samplers -----------------------------------------------------------------------------------------
@@ -138,20 +164,61 @@ def euler_maruyama_sde(denoiser, transport, noise: torch.Tensor, labels: torch.T
     return x.to(noise.dtype), steps
 
 
+# ---- the sampler registry -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerEntry:
+    """A sampler as the registry offers it: ``run(denoiser, transport, noise, labels, grid, model_dtype, step_noise,
+    heun_last_step, decide) -> (x at t = 0, NFE)``, the schedule it walks by default, and the fewest steps it takes."""
+
+    run: Callable[..., tuple[torch.Tensor, int]]
+    default_schedule: str = "uniform"
+    min_steps: int = 1
+
+
+def _euler(denoiser, transport, noise, labels, grid, model_dtype, step_noise, heun_last_step, decide):
+    return euler_ode(denoiser, noise, labels, grid, model_dtype)
+
+
+def _heun(denoiser, transport, noise, labels, grid, model_dtype, step_noise, heun_last_step, decide):
+    check_choice("decide", decide, ("step", "evaluation"))
+    return heun_ode(denoiser, noise, labels, grid, model_dtype, heun_last_step, decide)
+
+
+def _sde(denoiser, transport, noise, labels, grid, model_dtype, step_noise, heun_last_step, decide):
+    return euler_maruyama_sde(denoiser, transport, noise, labels, grid, model_dtype, step_noise)
+
+
+SAMPLERS: dict[str, SamplerEntry] = {"euler": SamplerEntry(_euler), "heun": SamplerEntry(_heun),
+                                     "sde": SamplerEntry(_sde, default_schedule="sde", min_steps=2)}
+
+
+def sampler_entry(name: str, field: str = "sampler") -> SamplerEntry:
+    """The registered sampler ``name``, or the ``SamplerEntry`` at an import path."""
+    entry = _registered(SAMPLERS, name, field, "sampler")
+    if not isinstance(entry, SamplerEntry):
+        raise ConfigError(field, name, "names no SamplerEntry (igdit.samplers.SamplerEntry: run, default_schedule, "
+                                       "min_steps)")
+    return entry
+
+
+def check_sampling(sampler: str, steps: int, schedule: Optional[str] = None, prefix: str = "") -> None:
+    """The sampler and the schedule exist and the sampler takes ``steps``; one-line ConfigErrors naming
+    ``<prefix>sampler`` / ``<prefix>steps`` / ``<prefix>schedule``."""
+    entry = sampler_entry(sampler, f"{prefix}sampler")
+    if steps < entry.min_steps:
+        raise ConfigError(f"{prefix}steps", steps, f"the {sampler} sampler needs at least {entry.min_steps} steps")
+    schedule_function(schedule or entry.default_schedule, f"{prefix}schedule")
+
+
 def run_sampler(name: str, denoiser, transport, noise: torch.Tensor, labels: torch.Tensor, steps: int,
                 model_dtype: Optional[torch.dtype] = None,
                 step_noise: Optional[Callable[[], torch.Tensor]] = None, schedule: Optional[str] = None,
                 shift: float = 0.3, heun_last_step: Literal["euler", "heun"] = "euler",
                 decide: Literal["step", "evaluation"] = "step") -> tuple[torch.Tensor, int]:
-    """Sample with ``name`` ("euler", "heun", "sde") on ``steps`` steps of ``schedule`` (default: uniform for the
-    ODE samplers, the sde grid for "sde"); ``heun_last_step`` and ``decide``: see ``heun_ode``."""
-    if name not in SAMPLERS:
-        raise ConfigError("sampler", name, "choose one of " + ", ".join(SAMPLERS))
-    check_number("steps", steps, low=2 if name == "sde" else 1, integer=True)
-    grid = time_grid(schedule or DEFAULT_SCHEDULE[name], steps, shift)
-    if name == "euler":
-        return euler_ode(denoiser, noise, labels, grid, model_dtype)
-    if name == "heun":
-        check_choice("decide", decide, ("step", "evaluation"))
-        return heun_ode(denoiser, noise, labels, grid, model_dtype, heun_last_step, decide)
-    return euler_maruyama_sde(denoiser, transport, noise, labels, grid, model_dtype, step_noise)
+    """Sample with the sampler ``name`` (``SAMPLERS``: "euler", "heun", "sde", or an import path) on ``steps`` steps
+    of ``schedule`` (default: the sampler's, uniform for the ODE samplers, the sde grid for "sde");
+    ``heun_last_step`` and ``decide``: see ``heun_ode``."""
+    entry = sampler_entry(name)
+    check_number("steps", steps, low=entry.min_steps, integer=True)
+    grid = time_grid(schedule or entry.default_schedule, steps, shift)
+    return entry.run(denoiser, transport, noise, labels, grid, model_dtype, step_noise, heun_last_step, decide)

@@ -1,6 +1,7 @@
-"""The three worked examples of README "Extending igdit": a backbone family, a loss term with weights of its own,
-and a guidance rule, each one class in this one file, used by an experiment YAML through its class_path
-(tests/test_extending.py runs them through the real CLI; nothing else in igdit was edited for them)."""
+"""The four worked examples of README "Extending igdit": a backbone family, a loss term with weights of its own, a
+guidance rule and a time grid, each one class or function in this one file, used by an experiment YAML or the
+command line through its import path (tests/test_extending.py runs them through the real CLI; nothing else in igdit
+was edited for them)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,6 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from igdit.config import ConfigError, UnitInterval
 from igdit.guidance import GuidanceRule, internal_guidance
 from igdit.models import Backbone
-from igdit.models.base import check_exits, exit_head_name
 from igdit.models.layers import FinalLayer, LabelEmbedder, SiTBlock, TimestepEmbedder
 from igdit.objectives import Frozen, LossTerm, per_sample_loss
 
@@ -25,20 +25,17 @@ class ToyDiT(Backbone):
     def __init__(self, size: str = "S/2", *, input_size: PositiveInt = 8, in_channels: PositiveInt = 1,
                  num_classes: PositiveInt = 10, exits: list[int] = ()):
         super().__init__()
-        if size not in self.sizes:
-            raise ConfigError("model.backbone.size", size, "ToyDiT sizes are " + ", ".join(self.sizes))
-        arch = self.sizes[size]
-        self.size, self.input_size, self.in_channels, self.num_classes = size, input_size, in_channels, num_classes
-        self.depth, self.hidden_size, self.patch_size = arch["depth"], arch["hidden_size"], arch["patch_size"]
-        self.out_channels, self.exit_indices = in_channels, check_exits(exits, self.depth)
+        self.configure(size, input_size=input_size, in_channels=in_channels, num_classes=num_classes, exits=exits)
+        self.out_channels = in_channels
         d, p = self.hidden_size, self.patch_size
         self.x_embedder = nn.Conv2d(in_channels, d, p, stride=p)
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, self.grid_size ** 2, d))
         self.t_embedder, self.y_embedder = TimestepEmbedder(d), LabelEmbedder(num_classes, d)
-        self.blocks = nn.ModuleList([SiTBlock(d, arch["num_heads"]) for _ in range(self.depth)])
-        for idx in self.exit_indices:
-            setattr(self, exit_head_name(idx, self.exit_indices), FinalLayer(d, p, in_channels))
-        self.final_layer = FinalLayer(d, p, in_channels)
+        self.blocks = nn.ModuleList([SiTBlock(d, self.num_heads) for _ in range(self.depth)])
+        self.add_heads()  # an exit head per exit, then final_layer, each from make_head
+
+    def make_head(self):
+        return FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
 
     def embed(self, x, t, y):
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -50,8 +47,8 @@ class ProjectedAlignment(LossTerm):
     projection of the clean image's patches (the shape of REPA and Self-Transcendence: trained weights plus a
     frozen network)."""
 
-    def __init__(self, weight: NonNegativeFloat = 0.1, block: PositiveInt = 1, features: PositiveInt = 8):
-        super().__init__(weight)
+    def __init__(self, weight: NonNegativeFloat = 0.1, block: PositiveInt = 1, features: PositiveInt = 8, **kwargs):
+        super().__init__(weight=weight, **kwargs)  # start_step, stop_step, t_range, t_range_mode: LossTerm's
         self.block, self.features = block, features
 
     def attach(self, backbone, transport) -> None:
@@ -99,3 +96,13 @@ class RampedInternalGuidance(GuidanceRule):
 
     def apply(self, v, output, run, t):
         return internal_guidance(v, output.exits[self.exit], 1 + (self.scale - 1) * t)
+
+
+def cosine_grid(steps: int) -> list[float]:
+    """A time grid: t = cos(pi/2 u) over u = linspace(0, 1, steps + 1), descending from 1 to 0 (small steps near the
+    noise, large ones near the data)."""
+    import math
+
+    grid = [math.cos(math.pi / 2 * i / steps) for i in range(steps + 1)]
+    grid[-1] = 0.0
+    return grid

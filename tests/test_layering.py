@@ -1,7 +1,12 @@
-"""Library below, commands above (DESIGN.md contract 8): no library module imports a command module, and the import
-graph of igdit (module-level and function-local imports alike) has no cycle."""
+"""Library below, commands above: no library module imports a command module; the import graph of igdit (module-level
+and function-local imports alike, a package's ``__init__`` importing its own submodules included) has no cycle; and
+the parts a sampler or a frozen network needs import without the training stack (Lightning, MLflow, Optuna)."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "igdit"
 
@@ -28,9 +33,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         else:
             continue
         found |= {t for t in targets if t in modules and t != name}
-    if path.name == "__init__.py":  # a package importing its own submodules is not a cycle of concern
-        found = {t for t in found if not t.startswith(name + ".")}
-    return found
+    return found  # a package's __init__ importing its submodules counts: importing the package runs them
 
 
 def test_library_modules_never_import_command_modules():
@@ -58,3 +61,30 @@ def test_the_import_graph_has_no_cycle():
         if module not in state:
             visit(module, [module])
     assert len(graph) > 40  # the walk saw the package
+
+
+def test_an_init_edge_closes_a_cycle(tmp_path):
+    """The walk sees a cycle that runs through a package's __init__ (the kind that hid checkpoints -> module ->
+    objectives/__init__ -> objectives.self_guided -> checkpoints)."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("import pkg.sub\n")
+    (package / "sub" / "__init__.py").write_text("from pkg.sub.b import thing\n")
+    (package / "sub" / "b.py").write_text("def thing():\n    from pkg import a\n")
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(tmp_path).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    assert "pkg.sub.b" in graph["pkg.sub"] and "pkg.a" in graph["pkg.sub.b"] and "pkg.sub" in graph["pkg.a"]
+
+
+@pytest.mark.parametrize("module", ["igdit.guidance", "igdit.samplers", "igdit.models"])
+def test_sampling_parts_import_without_the_training_stack(module):
+    """A guide or a teacher loads as a backbone (igdit.models.load_backbone), so guidance, samplers and models never
+    pull in Lightning, MLflow or Optuna (a fresh interpreter: nothing imported before)."""
+    code = (f"import sys, {module}; heavy = [m for m in ('lightning', 'pytorch_lightning', 'mlflow', 'optuna') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

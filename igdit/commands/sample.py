@@ -6,8 +6,9 @@
 
 The checkpoint's `state_dict` holds the EMA weights (Lightning's EMAWeightAveraging puts them there) and its
 hyper-parameters rebuild the model, so no experiment YAML is needed. Guidance flags come from the rule classes
-(``--<rule>.<field>``: ig, cfg, ag); a preset sets the published sampler, grid, guidance and labels, and flags
-given on the command line override it. Under torchrun each rank generates the indices i = rank (mod world),
+(``--<rule>.<field>``: ig, cfg, ag), and ``--guidance`` takes any rule, a new one by its import path, as the
+FIDCallback's settings do; a preset sets the published sampler, grid, guidance and labels, and flags given on the
+command line override it. Under torchrun each rank generates the indices i = rank (mod world),
 writes its part, and rank 0 merges the parts into `samples.npz` (`arr_0`: N x H x W x 3 uint8, in index order,
 the layout the ADM evaluation suite reads; `labels`: N class labels).
 """
@@ -28,6 +29,7 @@ from igdit.config import ConfigError, config_parser
 from igdit.experiment import parse_experiment
 from igdit.generation import Sampling, class_labels, generate, rank_indices
 from igdit.guidance import RULES, build_rules
+from igdit.guidance.base import rule_class
 from igdit.images import save_grid
 from igdit.presets import PRESETS, get_preset
 
@@ -44,6 +46,11 @@ def build_parser():
     parser.add_class_arguments(Sampling, None, help="sampler and time grid")
     for key, rule in RULES.items():
         parser.add_class_arguments(rule, key, help=f"guidance rule {rule.__name__} (scale 1 is off)")
+    parser.add_argument("--guidance", type=Optional[dict], default=None,
+                        help="guidance as FIDCallback's settings take it: {rule: {fields}}, each rule by key ("
+                             + ", ".join(RULES) + ") or the import path of a GuidanceRule subclass of your own, e.g. "
+                             "'{ig: {scale: 1.4}, mypackage.rules.MyRule: {scale: 2.0}}'; the fields it names win over "
+                             "the per-rule flags and the preset")
     parser.add_argument("--num", type=PositiveInt, default=100, help="number of samples (the paper: 50000)")
     parser.add_argument("--batch-size", type=PositiveInt, default=100, help="samples per batch and rank")
     parser.add_argument("--labels", type=Literal["random", "balanced"], default="random",
@@ -88,9 +95,7 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # Everything is checked before a single sample is drawn.
-    sampling = Sampling(**{k: args[k] for k in vars(Sampling()).keys()})
-    if sampling.sampler == "sde" and sampling.steps < 2:
-        raise ConfigError("--steps", sampling.steps, "the sde sampler needs at least 2 steps")
+    sampling = Sampling.checked("--", **{k: args[k] for k in vars(Sampling()).keys()})
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", str(out), "is a file; --out names the folder samples.npz and samples.png go into")
@@ -101,7 +106,11 @@ def main(argv: list[str]) -> int:
     if foreign:  # the rank parts are written and deleted here: never touch files this command did not write
         raise ConfigError("--out", str(out), f"holds {foreign[0].name}, which this command would overwrite and "
                                              "delete; move it away or choose another folder")
-    rules = build_rules({key: vars(args[key]) for key in RULES}, "guidance")
+    spec = {key: vars(args[key]) for key in RULES}  # the per-rule flags (and the preset's values)
+    for key, fields in (args.guidance or {}).items():
+        key = rule_class(key, f"guidance.{key}").key or key  # an import path of a registered rule: one entry
+        spec[key] = {**spec.get(key, {}), **(fields or {})}
+    rules = build_rules(spec, "guidance")
     if args.experiment is not None:
         check_experiment(args.experiment, read_checkpoint(args.ckpt)["hyper_parameters"])
     device = args.device

@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeFloat
 
-from igdit.checkpoints import load_module
 from igdit.config import ConfigError, UnitInterval
 from igdit.guidance.base import GuidanceRule, extrapolate
+from igdit.models.loading import load_backbone
 
 _GUIDES: dict[tuple, object] = {}  # (path, weights, device) -> guide backbone: loaded once per process
 
@@ -47,7 +47,7 @@ class Autoguidance(GuidanceRule):
             device = next(backbone.parameters()).device
             key = (self.ckpt, self.weights, str(device))
             if key not in _GUIDES:
-                _GUIDES[key] = load_module(self.ckpt, "guidance.ag.ckpt", device, weights=self.weights).backbone
+                _GUIDES[key] = load_backbone(self.ckpt, "guidance.ag.ckpt", device, weights=self.weights)
             self.guide = _GUIDES[key]
         for name in ("num_classes", "latent_shape"):
             if getattr(self.guide, name) != getattr(backbone, name):

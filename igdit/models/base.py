@@ -49,11 +49,13 @@ def check_exits(exits: Sequence[int], depth: int) -> tuple[int, ...]:
 class Backbone(nn.Module):
     """A diffusion transformer predicting the velocity v(x_t, t, y), t = 1 noise (the project's time).
 
-    Every family sets, in its constructor: ``input_size`` (latent side H = W), ``patch_size`` p,
-    ``in_channels`` C, ``out_channels``, ``num_classes`` (label ``num_classes`` is the null label),
-    ``depth``, ``hidden_size`` D, ``exit_indices`` (1-based blocks with an IG exit head) and ``size``; and has
-    the modules ``blocks`` (an ``nn.ModuleList``), ``final_layer`` and one exit head per exit, named by
-    ``exit_head_name``. It implements ``embed`` and may override ``run_block``.
+    A family's constructor calls ``configure`` first (the named size, its overrides and the checks every family
+    shares; it sets ``size``, ``input_size`` (latent side H = W), ``patch_size`` p, ``in_channels`` C,
+    ``num_classes`` (label ``num_classes`` is the null label), ``depth``, ``hidden_size`` D, ``num_heads`` and
+    ``exit_indices`` (1-based blocks with an IG exit head)), sets ``out_channels``, builds its embedders and
+    ``blocks`` (an ``nn.ModuleList``), then ``add_heads`` (one ``make_head()`` per exit, named by
+    ``exit_head_name``, then ``final_layer``). It implements ``embed`` and ``make_head`` and may override
+    ``run_block``.
     """
 
     family: ClassVar[str] = ""
@@ -98,7 +100,41 @@ class Backbone(nn.Module):
             raise ValueError(f"no exit head after block {idx!r}; this model has exits {list(self.exit_indices)}")
         return getattr(self, exit_head_name(idx, self.exit_indices))
 
+    # ---- what every family's constructor shares --------------------------------------------------------
+    def configure(self, size: str, *, input_size: int, in_channels: int, num_classes: int, exits: Sequence[int],
+                  depth: Optional[int] = None, hidden_size: Optional[int] = None,
+                  num_heads: Optional[int] = None) -> None:
+        """The named size (``sizes[size]``) with ``depth`` / ``hidden_size`` / ``num_heads`` overriding it, checked
+        (the patch divides the input, the heads divide the width, the width divides by 4 for the 2-D sin-cos
+        position embedding, the exits lie inside the depth), set on the backbone."""
+        arch = size_of(type(self), size)
+        arch.update({k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items()
+                     if v is not None})
+        patch_size, depth, hidden_size, num_heads = (arch[k] for k in ("patch_size", "depth", "hidden_size",
+                                                                        "num_heads"))
+        if input_size % patch_size:
+            raise ConfigError("model.backbone.input_size", input_size, f"must be divisible by the patch size {patch_size}")
+        if hidden_size % num_heads:
+            raise ConfigError("model.backbone.hidden_size", hidden_size, f"must be divisible by num_heads {num_heads}")
+        if hidden_size % 4:
+            raise ConfigError("model.backbone.hidden_size", hidden_size,
+                              "must be divisible by 4 (2-D sin-cos position embedding)")
+        self.size, self.input_size, self.patch_size, self.in_channels = size, input_size, patch_size, in_channels
+        self.hidden_size, self.depth, self.num_heads, self.num_classes = hidden_size, depth, num_heads, num_classes
+        self.exit_indices = check_exits(exits, depth)
+
+    def add_heads(self) -> None:
+        """One output head per exit (``exit_head_name``), then ``final_layer``: each from ``make_head``."""
+        for idx in self.exit_indices:
+            setattr(self, exit_head_name(idx, self.exit_indices), self.make_head())
+        self.final_layer = self.make_head()
+
     # ---- what families implement --------------------------------------------------------------------
+    def make_head(self) -> nn.Module:
+        """An output head (the final layer, or an IG exit head: the same design with its own weights) mapping
+        tokens (N, T, D) and conditioning (N, D) to patch tokens (N, T, p * p * out_channels)."""
+        raise NotImplementedError
+
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W), t: (N,) in the family's own time, y: (N,) -> (tokens (N, T, D), conditioning (N, D))."""
         raise NotImplementedError

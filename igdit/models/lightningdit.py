@@ -24,7 +24,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from timm.layers import Mlp, PatchEmbed
 
 from igdit.config import ConfigError
-from igdit.models.base import Backbone, check_exits, exit_head_name, size_of
+from igdit.models.base import Backbone
 from igdit.models.layers import LabelEmbedder, TimestepEmbedder, init_dit_weights, modulate
 
 WIDTHS = {
@@ -238,47 +238,32 @@ class LightningDiT(Backbone):
                  depth: Optional[PositiveInt] = None, hidden_size: Optional[PositiveInt] = None,
                  num_heads: Optional[PositiveInt] = None, mlp_ratio: PositiveFloat = 4.0):
         super().__init__()
-        arch = size_of(type(self), size)
-        arch.update({k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items()
-                     if v is not None})
-        patch_size, depth, hidden_size, num_heads = (arch[k] for k in ("patch_size", "depth", "hidden_size",
-                                                                        "num_heads"))
-        if input_size % patch_size:
-            raise ConfigError("model.backbone.input_size", input_size, f"must be divisible by the patch size {patch_size}")
-        if hidden_size % num_heads:
-            raise ConfigError("model.backbone.hidden_size", hidden_size, f"must be divisible by num_heads {num_heads}")
-        if hidden_size % 4:
-            raise ConfigError("model.backbone.hidden_size", hidden_size,
-                              "must be divisible by 4 (2-D sin-cos position embedding)")
-        if use_rope and (hidden_size // num_heads) % 4:
-            raise ConfigError("model.backbone.num_heads", num_heads,
-                              f"with use_rope the head width hidden_size / num_heads ({hidden_size} / {num_heads}) "
+        self.configure(size, input_size=input_size, in_channels=in_channels, num_classes=num_classes, exits=exits,
+                       depth=depth, hidden_size=hidden_size, num_heads=num_heads)
+        d, heads = self.hidden_size, self.num_heads
+        if use_rope and (d // heads) % 4:
+            raise ConfigError("model.backbone.num_heads", heads,
+                              f"with use_rope the head width hidden_size / num_heads ({d} / {heads}) "
                               "must be divisible by 4 (rows and columns each rotate pairs of dims)")
-        if xr_init not in ("xavier", "zero"):
-            raise ConfigError("model.backbone.xr_init", xr_init, "choose 'xavier' or 'zero'")
-        exits = check_exits(exits, depth)
-
-        self.size = size
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.hidden_size, self.depth, self.num_heads, self.num_classes = hidden_size, depth, num_heads, num_classes
         self.learn_sigma, self.xr_init = learn_sigma, xr_init
         self.use_rope, self.use_rmsnorm = use_rope, use_rmsnorm
         self.out_channels = in_channels  # what forward returns; the heads' learned-sigma half is dropped in them
-        self.exit_indices = exits
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)  # raw t in [0, 1], cat([cos, sin]): as LightningDiT
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
-        self.feat_rope = VisionRotaryEmbedding(hidden_size // num_heads, self.grid_size) if use_rope else None
-        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, use_rmsnorm,
-                                                       use_swiglu) for _ in range(depth)])
-        head_channels = 2 * in_channels if learn_sigma else in_channels
-        for idx in exits:
-            setattr(self, exit_head_name(idx, exits),
-                    FinalLayer(hidden_size, patch_size, head_channels, use_rmsnorm, keep=in_channels))
-        self.final_layer = FinalLayer(hidden_size, patch_size, head_channels, use_rmsnorm, keep=in_channels)
+        self.x_embedder = PatchEmbed(input_size, self.patch_size, in_channels, d, bias=True)
+        self.t_embedder = TimestepEmbedder(d)  # raw t in [0, 1], cat([cos, sin]): as LightningDiT
+        self.y_embedder = LabelEmbedder(num_classes, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, d), requires_grad=False)
+        self.feat_rope = VisionRotaryEmbedding(d // heads, self.grid_size) if use_rope else None
+        self.blocks = nn.ModuleList([LightningDiTBlock(d, heads, mlp_ratio, qk_norm, use_rmsnorm, use_swiglu)
+                                     for _ in range(self.depth)])
+        self.add_heads()
         self.initialize_weights()
+
+    def make_head(self) -> nn.Module:
+        """LightningDiT's ``FinalLayer`` (RMSNorm with gain, adaLN, linear); as wide as 2C with learn_sigma (the
+        checkpoint layout), keeping the first C channels."""
+        head_channels = 2 * self.in_channels if self.learn_sigma else self.in_channels
+        return FinalLayer(self.hidden_size, self.patch_size, head_channels, self.use_rmsnorm, keep=self.in_channels)
 
     def initialize_weights(self) -> None:
         """Official LightningDiT init: the DiT/SiT one (``init_dit_weights``) with only ``final_layer`` zeroed.

@@ -12,8 +12,7 @@ import torch.nn as nn
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from timm.layers import PatchEmbed
 
-from igdit.config import ConfigError
-from igdit.models.base import Backbone, check_exits, exit_head_name, size_of
+from igdit.models.base import Backbone
 from igdit.models.layers import FinalLayer, LabelEmbedder, SiTBlock, TimestepEmbedder, init_dit_weights
 
 WIDTHS = {
@@ -49,36 +48,23 @@ class SiT(Backbone):
                  hidden_size: Optional[PositiveInt] = None, num_heads: Optional[PositiveInt] = None,
                  mlp_ratio: PositiveFloat = 4.0):
         super().__init__()
-        arch = size_of(type(self), size)
-        arch.update({k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items()
-                     if v is not None})
-        patch_size, depth, hidden_size, num_heads = (arch[k] for k in ("patch_size", "depth", "hidden_size",
-                                                                        "num_heads"))
-        if input_size % patch_size:
-            raise ConfigError("model.backbone.input_size", input_size, f"must be divisible by the patch size {patch_size}")
-        if hidden_size % num_heads:
-            raise ConfigError("model.backbone.hidden_size", hidden_size, f"must be divisible by num_heads {num_heads}")
-        if hidden_size % 4:
-            raise ConfigError("model.backbone.hidden_size", hidden_size,
-                              "must be divisible by 4 (2-D sin-cos position embedding)")
-        exits = check_exits(exits, depth)
-
-        self.size = size
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.hidden_size, self.depth, self.num_heads, self.num_classes = hidden_size, depth, num_heads, num_classes
+        self.configure(size, input_size=input_size, in_channels=in_channels, num_classes=num_classes, exits=exits,
+                       depth=depth, hidden_size=hidden_size, num_heads=num_heads)
         self.learn_sigma = learn_sigma
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.exit_indices = exits
+        d = self.hidden_size
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
-        for idx in exits:
-            setattr(self, exit_head_name(idx, exits), FinalLayer(hidden_size, patch_size, self.out_channels))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.x_embedder = PatchEmbed(input_size, self.patch_size, in_channels, d, bias=True)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(num_classes, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, d), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(d, self.num_heads, mlp_ratio, qk_norm) for _ in range(self.depth)])
+        self.add_heads()
         self.initialize_weights()
+
+    def make_head(self) -> nn.Module:
+        """SiT's adaLN ``FinalLayer`` (the exit heads are the same design with their own weights)."""
+        return FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
 
     def initialize_weights(self) -> None:
         """Official DiT/SiT init (``init_dit_weights``); every output head, exit heads included, starts at 0."""

@@ -10,6 +10,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from igdit.config import ConfigError, UnitInterval
+from igdit.models.loading import load_backbone
 from igdit.objectives.base import (
     Frozen,
     LossInputs,
@@ -80,12 +81,8 @@ class SelfGuidedLoss(LossTerm):
                                            f"stage-1 run (--{field} "
                                            "runs/<experiment>/<run>/checkpoints/last.ckpt) or chain both stages "
                                            "(igdit fit --config experiments/st_digits.yaml)")
-        from igdit.checkpoints import (
-            load_module,  # checkpoints build whole modules, which hold terms like this one
-        )
-
         path = Path(self.teacher_ckpt)
-        teacher = load_module(path, field, "cpu", weights=self.teacher_weights).backbone
+        teacher = load_backbone(path, field, "cpu", weights=self.teacher_weights)
         self.check_teacher(teacher)
         self.teacher = Frozen(teacher, str(path.resolve()), file_digest(path))
 

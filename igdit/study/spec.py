@@ -11,12 +11,13 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from igdit.config import ConfigError, build, check_interval
+from igdit.generation import Sampling
 
 REFERENCE = re.compile(r"^\$\{checkpoint:([\w.-]+)\}$")
 
@@ -51,7 +52,7 @@ class Evaluation:
     """The FIDCallback protocol every run and every sampling claim uses (digits feature network, train split)."""
 
     num_samples: PositiveInt = 500
-    sampler: Literal["euler", "heun", "sde"] = "heun"
+    sampler: str = "heun"
     steps: PositiveInt = 5
     ig_scale: PositiveFloat = 2.0
     cfg_scale: PositiveFloat = 1.5
@@ -152,6 +153,7 @@ class StudySpec:
         self.seeds_subset = bool(seeds)
         self.steps, self.evaluate_every = int(q.steps or file.steps), int(q.evaluate_every or file.evaluate_every)
         self.evaluation, self.probe = file.evaluation, file.probe
+        Sampling.checked("evaluation.", self.evaluation.sampler, self.evaluation.steps)
         if not 0 < file.alpha < 0.5:
             raise ConfigError("alpha", file.alpha, "expected a test level in (0, 0.5), e.g. 0.05")
         self.alpha, self.claims = float(file.alpha), file.claims

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, Weig
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import RunningStage
 
+from igdit.compat import averaged_model, throughput_clocks
 from igdit.config import ConfigError, TrainingStopped
 from igdit.generation import Sampling, class_grid
 from igdit.guidance import Denoiser, describe, parse_settings
@@ -47,8 +48,8 @@ class SamplesThroughput(ThroughputMonitor):
         super().on_validation_end(trainer, *args)
         last = getattr(self, "_last_val_batch_end", None)
         if last is not None and not trainer.sanity_checking and trainer.state.fn == "fit" \
-                and RunningStage.TRAINING in self._t0s:
-            self._t0s[RunningStage.TRAINING] += time.perf_counter() - last
+                and RunningStage.TRAINING in throughput_clocks(self):
+            throughput_clocks(self)[RunningStage.TRAINING] += time.perf_counter() - last
         self._last_val_batch_end = None
 
 
@@ -228,11 +229,11 @@ class FIDCallback(pl.Callback):
         if trainer.state.fn != "fit":
             return pl_module, "checkpoint"
         for averaging in trainer.callbacks:
-            if isinstance(averaging, WeightAveraging) and averaging._average_model is not None:
+            if isinstance(averaging, WeightAveraging) and averaged_model(averaging) is not None:
                 # The averaging callback swaps the EMA weights in at validation start and out again in its own
                 # on_validation_epoch_end: if that already ran, the averaged copy holds the EMA weights.
                 if trainer.callbacks.index(averaging) < trainer.callbacks.index(self):
-                    module = averaging._average_model.module
+                    module = averaged_model(averaging).module
                     module.data_meta = pl_module.data_meta
                     return module, "ema"
                 return pl_module, "ema"

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
 from igdit.checkpoints import read_checkpoint
+from igdit.compat import mlflow_experiment_name, mlflow_tracking_uri
 from igdit.config import ConfigError
 from igdit.data import LatentDataModule
 from igdit.distributed import check_launch
@@ -78,8 +79,8 @@ def run_summary(trainer) -> str:
     lines = ["", "== igdit run finished =="]
     logger = trainer.logger
     if isinstance(logger, MLFlowLogger):
-        uri = logger._tracking_uri
-        lines.append(f"MLflow run      {logger.run_id} (experiment '{logger._experiment_name}') in {uri}")
+        uri = mlflow_tracking_uri(logger)
+        lines.append(f"MLflow run      {logger.run_id} (experiment '{mlflow_experiment_name(logger)}') in {uri}")
         lines.append(f"  open it with  mlflow ui --backend-store-uri {uri}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and v.numel() == 1}
     losses = {k: v for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/")) and "per_sec" not in k}

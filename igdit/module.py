@@ -29,21 +29,20 @@ from jsonargparse.typing import ClosedUnitInterval, PositiveFloat
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-# The private context the LightningCLI itself uses to record a module's config as its hyper-parameters.
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
+from igdit.compat import averaged_model, given_hyperparameters, mlflow_experiment_name
 from igdit.config import ConfigError, TrainingStopped, config_parser, instantiate, plain_config
 from igdit.models import Backbone
 from igdit.objectives import DiffusionLoss, ExitLoss, LossInputs, LossTerm, Objective
-from igdit.transport import Transport
+from igdit.transport import PATHS, TIME_SAMPLINGS, Transport
 
 
 @dataclass
 class TransportConfig:
     """Path and training-time distribution of t (t = 1 is noise); see igdit.transport.Transport."""
 
-    path: Literal["linear", "cosine"] = "linear"
-    time_sampling: Literal["uniform", "lognormal"] = "uniform"
+    path: Literal[tuple(PATHS)] = "linear"
+    time_sampling: Literal[TIME_SAMPLINGS] = "uniform"
     lognormal_mean: float = 0.0
     lognormal_std: PositiveFloat = 1.0
 
@@ -150,7 +149,7 @@ class IGDiTModule(pl.LightningModule):
         if averaging is None:
             return None
         if self.trainer.training:
-            average = averaging._average_model  # torch AveragedModel around a deep copy of this module
+            average = averaged_model(averaging)  # torch AveragedModel around a deep copy of this module
             return None if average is None else average.module.backbone
         return self.backbone
 
@@ -227,7 +226,7 @@ class IGDiTModule(pl.LightningModule):
             checkpoint["igdit_train_generator"] = self.train_generator.get_state()
         run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
         if run_id is not None:  # which run the checkpoint belongs to: `--ckpt_path <file>` resumes that run
-            checkpoint["igdit_run"] = {"run_id": run_id, "experiment": getattr(self.logger, "_experiment_name", None)}
+            checkpoint["igdit_run"] = {"run_id": run_id, "experiment": mlflow_experiment_name(self.logger)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.data_meta = checkpoint.get("igdit_data_meta")
@@ -246,6 +245,6 @@ def build_module(config: dict) -> IGDiTModule:
     cfg = parser.parse_object({"model": copy.deepcopy(config)})  # jsonargparse converts nested dicts in place
     resolved = plain_config(parser, cfg)["model"]
     # The LightningCLI records its config the same way (lightning.pytorch.cli._InstantiatorFn).
-    with _given_hyperparameters_context(hparams=resolved, instantiator="lightning.pytorch.cli.instantiate_module"):
+    with given_hyperparameters(resolved, "lightning.pytorch.cli.instantiate_module"):
         return parser.instantiate(cfg).model
 

@@ -5,9 +5,10 @@ import math
 from typing import Literal, Optional
 
 import torch
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt, restricted_number_type
 
-from igdit.config import ConfigError, check_choice, check_number
+from igdit.compat import torch_muon
+from igdit.config import ConfigError
 
 
 class LinearWarmup(torch.optim.lr_scheduler.LambdaLR):
@@ -22,6 +23,8 @@ class LinearWarmup(torch.optim.lr_scheduler.LambdaLR):
 
 # ---- Muon with an auxiliary AdamW (LightningDiT's optimiser) -------------------------------------------
 MuonLrAdjust = Literal["official", "match_rms_adamw", "original"]
+# A momentum or an Adam beta: in [0, 1) (1 would never forget).
+Beta = restricted_number_type("Beta", float, [(">=", 0), ("<", 1)])
 
 
 def muon_lr_ratio(rows: int, cols: int, adjust: str) -> float:
@@ -62,14 +65,10 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
     rates and ``state_dict`` / ``load_state_dict`` are torch's own.
     """
 
-    def __init__(self, params, lr: PositiveFloat = 2e-4, momentum: ClosedUnitInterval = 0.95, nesterov: bool = True,
+    def __init__(self, params, lr: PositiveFloat = 2e-4, momentum: Beta = 0.95, nesterov: bool = True,
                  ns_steps: PositiveInt = 5, weight_decay: NonNegativeFloat = 0.01, adjust_lr: MuonLrAdjust = "official",
-                 adam_lr: Optional[PositiveFloat] = None, adam_betas: tuple[float, float] = (0.9, 0.95),
+                 adam_lr: Optional[PositiveFloat] = None, adam_betas: tuple[Beta, Beta] = (0.9, 0.95),
                  adam_eps: PositiveFloat = 1e-8, adam_weight_decay: NonNegativeFloat = 0.0):
-        check_number("model.optimizer.momentum", momentum, low=0, high=1, high_inclusive=False)
-        check_choice("model.optimizer.adjust_lr", adjust_lr, ("official", "match_rms_adamw", "original"))
-        for beta in adam_betas:
-            check_number("model.optimizer.adam_betas", beta, low=0, high=1, high_inclusive=False)
         muon = {"lr": float(lr), "momentum": float(momentum), "nesterov": bool(nesterov), "ns_steps": int(ns_steps),
                 "weight_decay": float(weight_decay), "adjust_lr": adjust_lr}
         adam = {"lr": float(adam_lr if adam_lr is not None else lr), "betas": tuple(float(b) for b in adam_betas),
@@ -100,7 +99,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict) -> None:
-        from torch.optim._muon import muon  # the functional form torch.optim.Muon.step runs
+        muon = torch_muon()  # the functional form torch.optim.Muon.step runs
 
         for p in group["params"]:
             if p.grad is None:

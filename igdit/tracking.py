@@ -17,6 +17,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from igdit.compat import mlflow_experiment_name
+
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` when set (MLflow's own convention), else a sqlite file mlflow.db in this folder."""
@@ -130,7 +132,7 @@ def run_directory(trainer) -> Path:
     """
     logger = trainer.logger
     if isinstance(logger, MLFlowLogger):
-        name, run = logger._experiment_name, logger.run_id
+        name, run = mlflow_experiment_name(logger), logger.run_id
     else:
         name, run = getattr(logger, "name", None) or "default", f"version_{getattr(logger, 'version', 0)}"
     return Path(trainer.default_root_dir) / str(name) / str(run)

@@ -10,7 +10,6 @@ import math
 
 import torch
 
-from igdit.config import check_choice, check_number
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -53,11 +52,10 @@ class Transport:
     """
 
     def __init__(self, path: str = "linear", time_sampling: str = "uniform",
-                 lognormal_mean: float = 0.0, lognormal_std: float = 1.0, field: str = "model.transport"):
-        self.path = PATHS[check_choice(f"{field}.path", path, PATHS)]()
-        self.time_sampling = check_choice(f"{field}.time_sampling", time_sampling, TIME_SAMPLINGS)
-        self.lognormal_mean = check_number(f"{field}.lognormal_mean", lognormal_mean)
-        self.lognormal_std = check_number(f"{field}.lognormal_std", lognormal_std, low=0, low_inclusive=False)
+                 lognormal_mean: float = 0.0, lognormal_std: float = 1.0):
+        # the values arrive checked: model.transport is a TransportConfig, typed where the CLI parses it
+        self.path = PATHS[path]()
+        self.time_sampling, self.lognormal_mean, self.lognormal_std = time_sampling, lognormal_mean, lognormal_std
 
     def sample_t(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training times, shape (n,), in [0, 1] (t = 1 is noise)."""

@@ -153,8 +153,6 @@ def test_missing_data_and_bad_values_fail_in_the_constructor(built, tmp_path):
         LatentDataModule(str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="^data.root: .*has no meta.json; build it with `igdit data build digits"):
         LatentDataModule(str(tmp_path))
-    with pytest.raises(ConfigError, match="^data.batch_size"):
-        LatentDataModule(str(built), batch_size=0)
     with pytest.raises(ConfigError, match="^data.train_shards: .*missing"):
         LatentDataModule(str(built), train_shards="train-{000000..000099}.tar")
 
@@ -337,3 +335,16 @@ def test_latents_read_by_the_fast_path_equal_numpys_own_decoder(built):
     with pytest.raises(ValueError, match="latent shape \\(2, 4, 8\\), meta.json says \\(1, 8, 8\\)"):
         _to_tensors({**raw, "latent.npy": wds.writer.numpy_dumps(np.ones((2, 4, 8), np.float16))}, (1, 8, 8),
                     False, header)
+
+
+def test_a_bad_data_value_is_one_line_from_the_types_of_the_signature(built, capsys):
+    """The DataModule's numbers are checked where the CLI types them (PositiveInt, ...), once."""
+    from igdit.cli import main
+
+    from helpers import REPO
+
+    for flag, value in (("--data.batch_size", "0"), ("--data.num_workers", "-1"), ("--data.steps_per_epoch", "0")):
+        assert main(["fit", "--config", str(REPO / "experiments/default.yaml"), "--data.root", str(built), flag,
+                     value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: {flag[2:]}: {value} is not allowed; expected ") and "\n" not in err

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from igdit.data.encoders import decode_latents
 from igdit.images import to_uint8
@@ -45,3 +47,30 @@ def split_images(datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images.append(to_uint8(decode_latents(latents, datamodule.meta)))
         labels.append(y)
     return torch.cat(images), torch.cat(labels)
+
+
+def train_classifier(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int,
+                     batch_size: int, lr: float, weight_decay: float = 1e-4) -> torch.nn.Module:
+    """Train a small network (``net.body`` then ``net.head``) as a classifier on images (N, C, H, W) in [-1, 1] with
+    labels (N,): AdamW with a one-cycle schedule, each batch shifted by up to one pixel (padding with -1, the
+    background, and cropping back) because the data sets it serves are small. Deterministic for a fixed ``seed``
+    (its own generator; the global RNG is not touched). Returns ``net`` in eval mode, frozen. The fd_digits
+    metric network and REPA's digits encoder are both trained here."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(images) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    height, width = images.shape[-2:]
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            dy, dx = torch.randint(0, 3, (2,), generator=generator).tolist()
+            x = F.pad(images[rows], (1, 1, 1, 1), value=-1.0)[..., dy:dy + height, dx:dx + width]
+            loss = F.cross_entropy(net.head(net.body(x)), labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return net.eval().requires_grad_(False)

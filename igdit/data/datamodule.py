@@ -40,11 +40,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import webdataset as wds
-from jsonargparse.typing import ClosedUnitInterval
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from igdit.config import ConfigError, TrainingStopped, check_number
+from igdit.config import ConfigError, TrainingStopped
 from igdit.data.encoders import LatentNormalizer
 from igdit.data.shards import MOMENTS_DTYPES, latent_format, load_meta
 
@@ -302,12 +302,12 @@ class LatentDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str = "data/digits",
-        batch_size: int = 128,
-        num_workers: int = 0,
-        shuffle_buffer: int = 1000,
-        val_batch_size: Optional[int] = None,
-        steps_per_epoch: Optional[int] = None,
-        seed: int = 0,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt = 0,
+        shuffle_buffer: PositiveInt = 1000,
+        val_batch_size: Optional[PositiveInt] = None,
+        steps_per_epoch: Optional[PositiveInt] = None,
+        seed: NonNegativeInt = 0,
         train_shards: Optional[str] = None,
         val_shards: Optional[str] = None,
         max_skipped_fraction: ClosedUnitInterval = 0.01,
@@ -315,14 +315,6 @@ class LatentDataModule(pl.LightningDataModule):
         super().__init__()
         if not isinstance(root, (str, os.PathLike)) or not str(root):
             raise ConfigError("data.root", root, "expected a folder built by `igdit data build`")
-        check_number("data.batch_size", batch_size, low=1, integer=True)
-        check_number("data.num_workers", num_workers, low=0, integer=True)
-        check_number("data.shuffle_buffer", shuffle_buffer, low=1, integer=True)
-        if val_batch_size is not None:
-            check_number("data.val_batch_size", val_batch_size, low=1, integer=True)
-        if steps_per_epoch is not None:
-            check_number("data.steps_per_epoch", steps_per_epoch, low=1, integer=True)
-        check_number("data.seed", seed, low=0, integer=True)
         self.save_hyperparameters()
         self.root = str(root)
         self.batch_size, self.num_workers, self.shuffle_buffer = int(batch_size), int(num_workers), int(shuffle_buffer)

@@ -15,7 +15,6 @@ plug into torchmetrics' ``FrechetInceptionDistance(feature=<module>)`` unchanged
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 import warnings
@@ -23,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from igdit.compat import inception_all_features
 from igdit.config import ConfigError
-from igdit.data.cache import split_images
+from igdit.data.cache import split_images, train_classifier
 
 FEATURE_KINDS = ("digits", "inception")
 METRIC_NAMES = {"digits": "fd_digits", "inception": "fid"}
@@ -87,29 +86,11 @@ def train_digits_feature_net(train_images: torch.Tensor, train_labels: torch.Ten
     Returns (network in eval mode, {"train_accuracy", "val_accuracy", "epochs", ...}); the held-out
     accuracy is stored with the cached network. Deterministic for a fixed seed.
     """
-    generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = DigitsFeatureNet(in_channels=train_images.shape[1], image_size=train_images.shape[-1],
                                num_classes=num_classes)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(train_images) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    x_all = train_images.float() / 127.5 - 1.0
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x_all), generator=generator)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            x = F.pad(x_all[rows], (1, 1, 1, 1), value=-1.0)
-            dy, dx = torch.randint(0, 3, (2,), generator=generator).tolist()
-            x = x[..., dy:dy + x_all.shape[-2], dx:dx + x_all.shape[-1]]
-            loss = F.cross_entropy(net.head(net.body(x)), train_labels[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    net.eval().requires_grad_(False)
+    train_classifier(net, train_images.float() / 127.5 - 1.0, train_labels, epochs, seed, batch_size, lr)
     with torch.no_grad():
         accuracy = {split: (net.logits(images).argmax(1) == labels).float().mean().item()
                     for split, images, labels in (("train", train_images, train_labels),
@@ -192,7 +173,7 @@ class InceptionFeatures(nn.Module):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         # NoTrainInceptionV3.forward returns only the first requested feature; its underlying pass returns all.
-        pool, logits = self.net._torch_fidelity_forward(images.to(torch.uint8))
+        pool, logits = inception_all_features(self.net, images.to(torch.uint8))
         self.last_logits = logits.reshape(images.shape[0], -1)
         return pool.reshape(images.shape[0], -1)
 

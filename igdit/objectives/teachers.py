@@ -19,7 +19,6 @@ box, and maps clean images to patch features: ``features(images (N, C, H, W) uin
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 
 from igdit.config import ConfigError
-from igdit.data.cache import data_fingerprint, reference_dir, split_images
+from igdit.data.cache import data_fingerprint, reference_dir, split_images, train_classifier
 from igdit.objectives.base import Frozen, file_digest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -203,31 +202,6 @@ class DigitsTokenNet(nn.Module):
         return self.body(self.prepare(images)).flatten(2).transpose(1, 2)
 
 
-def train_token_net(net: DigitsTokenNet, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int,
-                    batch_size: int = 64, lr: float = 1e-2) -> DigitsTokenNet:
-    """Train ``net`` as a classifier on uint8 images (N, C, H, W) with labels (N,): AdamW with a one-cycle
-    schedule and random one-pixel shifts (the images are few). Deterministic for a fixed seed."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(images) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    x_all = net.prepare(images)
-    side = x_all.shape[-1]
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x_all), generator=generator)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            dy, dx = torch.randint(0, 3, (2,), generator=generator).tolist()
-            x = F.pad(x_all[rows], (1, 1, 1, 1), value=-1.0)[..., dy:dy + side, dx:dx + side]
-            loss = F.cross_entropy(net.head(net.body(x)), labels[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return net.eval().requires_grad_(False)
-
-
 class DigitsPatchEncoder(PatchEncoder):
     """REPA's external encoder for the small default data: ``DigitsTokenNet`` trained on the run's own data.
 
@@ -292,7 +266,8 @@ class DigitsPatchEncoder(PatchEncoder):
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             net = DigitsTokenNet(train_x.shape[1], self.image_size, datamodule.num_classes, self.width, self.downsample)
-        train_token_net(net, train_x, train_y, self.epochs, self.seed)
+        # the one-cycle schedule's rate and batch are this encoder's (the metric network trains at 3e-3, batch 128)
+        train_classifier(net, net.prepare(train_x), train_y, self.epochs, self.seed, batch_size=64, lr=1e-2)
         with torch.no_grad():
             accuracy = {split: round((net.logits(x).argmax(1) == y).float().mean().item(), 4)
                         for split, x, y in (("train", train_x, train_y), ("val", val_x, val_y))}

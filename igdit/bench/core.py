@@ -496,6 +496,12 @@ def _terms_part(args) -> list[str]:
     return bench_terms.sections(bench_terms.digits_step_costs(args.data), bench_terms.paper_scale_extra_flops())
 
 
+def _st_part(args) -> list[str]:
+    from igdit.bench import terms as bench_terms
+
+    return bench_terms.st_sections(bench_terms.st_teacher_costs(args.data))
+
+
 def _moments_part(args) -> list[str]:
     return moments_section(moments_rounding_error())
 
@@ -516,9 +522,11 @@ def _lightningdit_part(args) -> list[str]:
     return lines
 
 
-PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part, "moments": _moments_part}
+PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part, "moments": _moments_part,
+         "st": _st_part}
 # moments: no note of date and load; the section names its command and does not depend on the machine
-PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT", "moments": None}
+PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT", "moments": None,
+               "st": "Self-Transcendence teacher"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(PARTS), default=None,
                         help="one part (data: streaming and encoders; terms: the loss terms' cost; lightningdit: "
                              "LightningDiT sampling and posterior streaming; moments: float16 vs float32 posterior "
-                             "moments), merged into the existing report")
+                             "moments; st: Self-Transcendence's teacher under both t-range semantics and "
+                             "precisions), merged into the existing report")
     parser.add_argument("--device", default=None, help="where LightningDiT sampling is timed (default: cuda if any)")
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -606,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {m['num_samples']:,} | {m['peak_rss_gib']:.2f} | {m['growth_mib']:.0f} | {m['seconds']:.1f} |"
               for m in memory]
     lines += [""]
-    lines += data + PARTS["terms"](args) + PARTS["lightningdit"](args) + PARTS["moments"](args)
+    lines += data + PARTS["terms"](args) + PARTS["st"](args) + PARTS["lightningdit"](args) + PARTS["moments"](args)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run, "fid_memory": memory,

@@ -194,3 +194,68 @@ def sections(digits: dict, paper: dict) -> list[str]:
     lines += [f"| {name} | " + " | ".join(f"{r[s]['gflops']:.1f} ({r[s]['of_forward']:.2f})" for s in sizes) + " |"
               for name, r in paper["rows"].items()]
     return lines + [""]
+
+
+# ---- Self-Transcendence's teacher: which samples it sees, and in what precision -----------------------------
+ST_STAGE2 = "experiments/st_stage2_digits.yaml"
+# (t_range_mode, teacher_precision, trainer precision) of each timed variant of stage 2
+ST_VARIANTS = {"per_sample, teacher float32, 32-true": ("per_sample", "float32", "32-true"),
+               "official_broadcast, teacher float32, 32-true": ("official_broadcast", "float32", "32-true"),
+               "official_broadcast, teacher float32, bf16-mixed": ("official_broadcast", "float32", "bf16-mixed"),
+               "official_broadcast, teacher in the trainer's bf16, bf16-mixed": ("official_broadcast", "trainer",
+                                                                                 "bf16-mixed")}
+# The public ST code's t-range is [0.4, 0.7] of uniform t: the in-range fraction of a batch is 0.3 on average.
+ST_IN_RANGE = 0.3
+
+
+def st_teacher_costs(data_root: str, rounds: int = 3, steps: int = 20) -> dict:
+    """ST stage 2 while the guide is on, on the digits (SiT-T/2, batch 128): median step ms of each ``ST_VARIANTS``
+    entry and its median per-round ratio to the first (the term's default: per-sample t-range, float32 teacher),
+    interleaved; and, at paper scale, the teacher's GFLOPs per training sample under each t-range mode against the
+    student's training step (3 forwards)."""
+    times: dict[str, list[float]] = {name: [] for name in ST_VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="igdit-bench-st-") as scratch:
+        teacher = Path(scratch) / "stage1.ckpt"
+        _fit(STAGE1, [], data_root, Path(scratch) / "stage1", 2)[0].trainer.save_checkpoint(teacher)
+        for round_ in range(rounds):
+            for i, (name, (mode, precision, trainer)) in enumerate(ST_VARIANTS.items()):
+                extra = ["--model.terms.self_guided.teacher_ckpt", str(teacher),
+                         "--model.terms.self_guided.t_range_mode", mode,
+                         "--model.terms.self_guided.teacher_precision", precision, "--trainer.precision", trainer]
+                _, seconds = _fit(ST_STAGE2, extra, data_root, Path(scratch) / f"{round_}-{i}", steps)
+                times[name].append(statistics.median(seconds))
+    first = times[next(iter(ST_VARIANTS))]
+    digits = {name: {"step_ms": 1000 * statistics.median(t),
+                     "ratio": statistics.median(a / b for a, b in zip(t, first))} for name, t in times.items()}
+    paper = {}
+    for size, block in (("B/2", 8), ("XL/2", 19)):
+        forward, teacher = _sit_flops(size), 2 * _sit_flops(size, hidden=(block,), stop_after=block)
+        paper[size] = {"student_step_gflops": 3 * forward / 1e9, "teacher_block": block,
+                       "per_sample_gflops": ST_IN_RANGE * teacher / 1e9, "official_broadcast_gflops": teacher / 1e9}
+    return {"rounds": rounds, "steps": steps, "digits": digits, "paper": paper}
+
+
+def st_sections(costs: dict) -> list[str]:
+    """The report's section on the ST teacher (starts with '## ')."""
+    lines = ["## Self-Transcendence teacher (target: the cost of the public code's t-range and of a float32 teacher)\n",
+             f"ST stage 2 on the digits while its guide is on (`{ST_STAGE2}`, SiT-T/2, batch 128, the teacher's "
+             f"block 4 of 6), trained through Lightning's fit loop; {costs['steps']} steps per fit, the first two not "
+             f"timed, {costs['rounds']} interleaved rounds; ratio to the first row, the term's default. Under "
+             "`official_broadcast` the teacher runs on the whole batch; under `per_sample` on the ~30% inside "
+             "[0.4, 0.7]. bf16 autocast on a CPU is not what a GPU's tensor cores do, so the precision rows say "
+             "what the switch costs here, not on a GPU.\n",
+             "| variant (t_range_mode, teacher precision, trainer precision) | step (ms) | ratio |", "|---|---|---|"]
+    lines += [f"| {name} | {v['step_ms']:.1f} | {v['ratio']:.3f} |" for name, v in costs["digits"].items()]
+    lines += ["", "At paper scale (256 px, per training sample while the guide is on): the teacher's two passes "
+              "(conditional and null label) to its block, counted on the meta device, against the student's "
+              "training step (3 forwards). FLOPs do not depend on the precision; a float32 teacher runs them at "
+              "the device's float32 (or TF32) rate instead of its bf16 rate (H100 SXM dense: bf16 989, TF32 495 "
+              "TFLOPS, NVIDIA's datasheet), i.e. about 2x the time of the same FLOPs in bf16 with TF32 on.\n",
+              "| model (teacher block) | student step GFLOPs | teacher, per_sample (x0.3 of samples) | teacher, "
+              "official_broadcast (every sample) |", "|---|---|---|---|"]
+    for size, p in costs["paper"].items():
+        step = p["student_step_gflops"]
+        lines.append(f"| SiT-{size} ({p['teacher_block']}) | {step:.0f} | {p['per_sample_gflops']:.0f} "
+                     f"(+{p['per_sample_gflops'] / step:.0%}) | {p['official_broadcast_gflops']:.0f} "
+                     f"(+{p['official_broadcast_gflops'] / step:.0%}) |")
+    return lines + [""]

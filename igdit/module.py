@@ -1,6 +1,6 @@
 """IGDiTModule: the LightningModule that bundles a backbone, the loss terms, the transport and the optimiser.
 
-Every part is injected from the experiment YAML (``class_path`` / ``init_args``, DESIGN.md contract 3):
+Every part is injected from the experiment YAML (``class_path`` / ``init_args``, docs/design.md, contract 3):
 
     model:
       backbone: {class_path: igdit.models.SiT, init_args: {size: T/2, exits: [2], input_size: 8, ...}}

@@ -20,7 +20,7 @@ normalisation. The import
 
 Nothing is written unless every step passed. igdit's parameter names are the official ones (no key is
 renamed). Time: SiT uses t = 1 as noise like igdit; LightningDiT uses t = 0 as noise, which its backbone class
-converts in ``Backbone.forward`` (DESIGN.md contract 1) — the weights are loaded as they are.
+converts in ``Backbone.forward`` (docs/design.md, contract 1) — the weights are loaded as they are.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def muon_lr_ratio(rows: int, cols: int, adjust: str) -> float:
 
 
 class MuonWithAuxAdam(torch.optim.Optimizer):
-    """Muon for every parameter with >= 2 dims, AdamW for the rest, as LightningDiT+IG trains (METHOD.md §2.4).
+    """Muon for every parameter with >= 2 dims, AdamW for the rest, as LightningDiT+IG trains (docs/method.md §4.2).
 
     The split is the official one (``LightningDiT/train.py``): ``p.ndim >= 2`` goes to Muon, i.e. every
     weight matrix including the patch embedding (a (D, C, p, p) conv, orthogonalised as a (D, C p p)

@@ -28,12 +28,13 @@ class Preset:
 LIGHTNINGDIT_HEUN = Sampling("heun", 124, "shifted", 0.3, heun_last_step="heun", heun_decide="evaluation")
 
 PRESETS = {
-    # SiT-XL/2 + IG, 800 epochs: FID-50K 1.46 with CFG, random labels (IG paper, main table; METHOD.md §3.5).
+    # SiT-XL/2 + IG, 800 epochs: FID-50K 1.46 with CFG, random labels (IG paper, main table; docs/method.md §8.3).
     # gen.sh: SDE 250 steps, CFG 1.35 for t <= 0.7 (GUIDANCE_HIGH), IG 1.4 at every step.
     "sit-xl2-ig-cfg": Preset("SiT-XL/2", Sampling("sde", 250),
                              {"ig": {"scale": 1.4}, "cfg": {"scale": 1.35, "interval": [0.0, 0.7]}},
                              "random", "FID-50K 1.46 (800 ep, random labels; IG paper main table)"),
-    # SiT-B/2 + IG at 80 epochs without CFG: FID-50K 16.19 with w = 2.3 on [0.3, 1] (IG paper §5.3 ablation).
+    # SiT-B/2 + IG at 80 epochs without CFG: FID-50K 16.19 with w = 2.3 on [0.3, 1] (IG paper's SiT-B/2 ablation;
+    # docs/numbers.md §4).
     "sit-b2-ig": Preset("SiT-B/2", Sampling("sde", 250), {"ig": {"scale": 2.3, "interval": [0.3, 1.0]}},
                         "random", "FID-50K 16.19 (80 ep, no CFG; IG paper ablation)"),
     # LightningDiT-XL/1 + IG, 680 epochs: FID-50K 1.19 with CFG (random labels), 1.07 class-balanced. torchdiffeq's

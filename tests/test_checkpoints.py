@@ -1,4 +1,4 @@
-"""Import of official SiT+IG checkpoints (METHOD.md §10): layouts, exact weights, shape checks, the CLI."""
+"""Import of official SiT+IG checkpoints (docs/method.md §14): layouts, exact weights, shape checks, the CLI."""
 import argparse
 
 import pytest
@@ -92,7 +92,7 @@ def test_infers_sizes_from_shapes():
     with torch.device("meta"):
         sd = build_backbone("SiT-B/2", input_size=32, in_channels=4, num_classes=1000, exits=[4]).state_dict()
     assert infer_shapes(sd) == {"input_size": 32, "in_channels": 4, "num_classes": 1000}
-    assert tuple(sd["pos_embed"].shape) == (1, 256, 768)  # the shapes of METHOD.md §10
+    assert tuple(sd["pos_embed"].shape) == (1, 256, 768)  # the shapes of docs/method.md §14
     assert tuple(sd["final_layer_xr.linear.weight"].shape) == (16, 768)
     assert sum(v.numel() for v in sd.values()) == 131_693_600
     assert infer_shapes(_random_state(input_size=16, in_channels=3, num_classes=7)) == \

@@ -216,7 +216,7 @@ def test_xl1_with_one_exit_has_the_official_layout_and_parameter_count():
     assert params == 677_951_296
     assert sum(v.numel() for v in sd.values()) == 677_951_296 + 36_864
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 677_951_296 - 294_912
-    assert sum(p.numel() for p in base.parameters()) == 675_256_736  # METHOD.md §6: the head adds 2,694,560
+    assert sum(p.numel() for p in base.parameters()) == 675_256_736  # docs/method.md §13: the head adds 2,694,560
     assert "final_layer_xr.norm_final.weight" not in base.state_dict()
 
 

@@ -1,4 +1,4 @@
-"""experiments/lightningdit_xl1_ig.yaml carries the paper's settings (METHOD.md §2.4) and builds the official
+"""experiments/lightningdit_xl1_ig.yaml carries the paper's settings (docs/method.md §4.2) and builds the official
 model, loss and optimiser split."""
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""The SiT backbone: official SiT+IG layout (METHOD.md §10), exit heads, and numerics."""
+"""The SiT backbone: official SiT+IG layout (docs/method.md §14), exit heads, and numerics."""
 import math
 
 import numpy as np
@@ -61,7 +61,7 @@ def test_every_registered_size_builds_with_right_shapes(name):
 
 
 def _official_sit_b2_shapes(exit_head: bool) -> dict:
-    """METHOD.md §10: SiT-B/2, 256 px, SD-VAE latents 4x32x32, 1000 classes (+1 null)."""
+    """docs/method.md §14: SiT-B/2, 256 px, SD-VAE latents 4x32x32, 1000 classes (+1 null)."""
     d = 768
     shapes = {
         "pos_embed": (1, 256, d),
@@ -217,7 +217,7 @@ def test_unpatchify_inverts_patchify():
 
 
 def _reference_block(block, x, c):
-    """One SiT block in plain torch ops, following METHOD.md §10."""
+    """One SiT block in plain torch ops, following docs/method.md §14."""
     d = x.shape[-1]
     heads = block.attn.num_heads
     mod = F.linear(F.silu(c), block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)

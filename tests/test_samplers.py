@@ -108,7 +108,7 @@ def test_run_sampler_rejects_unknown_names():
 
 
 def _public_sit_sde_reference(model, z, y, steps, exit_, ig_scale, ig_interval, cfg_scale, cfg_interval, noises):
-    """The public SiT+IG Euler–Maruyama sampler as METHOD.md §3.3–3.4 describes it, written as a plain loop:
+    """The public SiT+IG Euler–Maruyama sampler as docs/method.md §6 and §8.1 describe it, written as a plain loop:
     one pass on [x; x] with [y; null] inside the CFG interval, IG per branch on the velocity, the score of
     the linear path s = ((t - 1) v - x) / t, the drift d = v - g/2 s with g = 2t, CFG on the drift, and a
     noise-free last step from 0.04 to 0."""

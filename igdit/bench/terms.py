@@ -128,7 +128,7 @@ def _sit_flops(size: str, **forward) -> int:
 def paper_scale_extra_flops(teacher_blocks: dict[str, dict[str, int]] | None = None) -> dict:
     """GFLOPs per training sample of each term's extra networks at 256 px (4x32x32 SD-VAE latents), against one
     student forward. teacher_blocks: {term: {size: block its teacher stops after, or (block, passes)}} (SRA: 8 of
-    B/2's 12 and 20 of XL/2's 28, SELF_TRANSCENDENCE.md §3; ST: 8 and 19, two passes for feature CFG)."""
+    B/2's 12 and 20 of XL/2's 28, docs/method.md §12.2; ST: 8 and 19, two passes for feature CFG)."""
     teacher_blocks = teacher_blocks or {
         "sra teacher (EMA, stops after its block)": {"B/2": 8, "XL/2": 20},
         # two passes (conditional and null label) per sample whose t is in [0.4, 0.7], while the guide is on

@@ -1,4 +1,4 @@
-"""Guidance as composition (DESIGN.md contract 4): a denoiser wraps a backbone with a list of rules.
+"""Guidance as composition (docs/design.md, contract 4): a denoiser wraps a backbone with a list of rules.
 
 The denoiser turns a backbone into the velocity a sampler integrates. Each rule has a scale and a t-interval
 (inclusive at both ends, t = 1 noise, as the official code's ``low <= t <= high``) and says where it acts:

@@ -1,5 +1,5 @@
 """Internal Guidance (Zhou et al., CVPR 2026): extrapolate from the exit head's weak prediction through the final
-head's strong one, in the same forward pass (METHOD.md §3)."""
+head's strong one, in the same forward pass (docs/method.md §2, §5)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -19,7 +19,7 @@ def internal_guidance(v_final: torch.Tensor, v_exit: torch.Tensor, scale: float)
 class InternalGuidance(GuidanceRule):
     """IG inside each conditioning branch, with the exit head after block ``exit`` (default: the backbone's first).
 
-    The public code applies it when ``w > 1`` and ``ig_low <= t <= ig_high`` on the velocity (METHOD.md §3.1);
+    The public code applies it when ``w > 1`` and ``ig_low <= t <= ig_high`` on the velocity (docs/method.md §5);
     here any w != 1 acts. The exit head runs only while the rule is active.
     """
 

@@ -1,4 +1,4 @@
-"""What every backbone offers (DESIGN.md contracts 1, 2 and 7), and the registry of named sizes.
+"""What every backbone offers (docs/design.md, contracts 1, 2 and 7), and the registry of named sizes.
 
 A backbone family subclasses ``Backbone``, names itself (``family``), lists its sizes (``sizes``: DiT's
 ``DiT_models`` dict, e.g. ``"XL/2"`` -> depth, width, heads, patch) and builds its layers. Defining the class
@@ -8,7 +8,7 @@ elsewhere: an experiment names it by ``class_path`` and its ``size``.
 The forward pass is written once, here: embed -> blocks (recording the hidden states and exit-head outputs the
 caller asked for, stopping early when nothing later is needed) -> final head. Families whose own time runs the
 other way (LightningDiT: t = 0 is noise, the network predicts data - noise) set ``noise_at_zero``; ``forward``
-is then the one place that converts (DESIGN.md contract 1): it calls the network at 1 - t and negates the
+is then the one place that converts (docs/design.md, contract 1): it calls the network at 1 - t and negates the
 velocities it returns. Nothing downstream sees another convention.
 """
 from __future__ import annotations

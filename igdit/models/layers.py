@@ -1,6 +1,6 @@
 """Building blocks of the SiT/DiT backbone: embedders, the adaLN-Zero block and the output head.
 
-Names, shapes and numerics follow the official SiT+IG code (METHOD.md §10) so its checkpoints load
+Names, shapes and numerics follow the official SiT+IG code (docs/method.md §14) so its checkpoints load
 with ``load_state_dict(strict=True)``. Attention, MLP and patch embedding are timm's layers, as there.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LightningDiT backbone with optional Internal-Guidance exit heads (METHOD.md §2.2, §2.3, §3.2).
+"""LightningDiT backbone with optional Internal-Guidance exit heads (docs/method.md §3.2, §4.1, §7).
 
 LightningDiT is DiT/SiT with RMSNorm (learnable gain), a SwiGLU MLP, 2-D rotary position embedding on queries
 and keys (on top of the absolute sin-cos embedding) and optional qk-norm; the released IG model is

@@ -1,4 +1,4 @@
-"""What one forward pass of a backbone returns (DESIGN.md contract 2)."""
+"""What one forward pass of a backbone returns (docs/design.md, contract 2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,4 @@
-"""SiT backbone with optional Internal-Guidance exit heads (METHOD.md §2.2, §10).
+"""SiT backbone with optional Internal-Guidance exit heads (docs/method.md §3.2, §14).
 
 Parameter names follow the official SiT+IG code, so its checkpoints load with ``load_state_dict(strict=True)``.
 SiT uses the project's time (t = 1 is noise) and predicts v = eps - x, so nothing is converted.

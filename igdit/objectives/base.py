@@ -1,4 +1,4 @@
-"""What every loss term is and how terms add up (DESIGN.md contract 3).
+"""What every loss term is and how terms add up (docs/design.md, contract 3).
 
 The training loss is a weighted sum of terms. A term is an ``nn.Module`` injected from the experiment YAML by
 ``class_path`` under a name (``model.terms.<name>``): its own layers (a projector) are trained, averaged by EMA

@@ -1,5 +1,5 @@
 """Dispersive loss (Wang & He 2025, "Diffuse and Disperse"): push a block's representations of the samples in a
-batch apart, InfoNCE without positive pairs (SELF_TRANSCENDENCE.md §3, METHOD.md §7)."""
+batch apart, InfoNCE without positive pairs (docs/method.md §12.4)."""
 from __future__ import annotations
 
 import math

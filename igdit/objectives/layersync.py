@@ -1,5 +1,5 @@
 """LayerSync (Haghighi et al., ICLR 2026; vita-epfl/LayerSync): a shallow block's tokens align with a deeper
-block's tokens of the same pass, the deeper side held fixed (SELF_TRANSCENDENCE.md §3, METHOD.md §7)."""
+block's tokens of the same pass, the deeper side held fixed (docs/method.md §12.3)."""
 from __future__ import annotations
 
 import torch

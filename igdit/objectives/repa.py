@@ -1,5 +1,5 @@
 """REPA (Yu et al., ICLR 2025): align a block's hidden state, through a projector, with a frozen encoder's patch
-features of the clean image (SELF_TRANSCENDENCE.md §3, METHOD.md §7)."""
+features of the clean image (docs/method.md §12.1)."""
 from __future__ import annotations
 
 import torch

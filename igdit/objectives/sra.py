@@ -1,6 +1,6 @@
 """SRA, self-representation alignment (Jiang et al. 2025; vvvvvjdy/SRA, the code base IG was forked from):
 the student's earlier block at t regresses, through a small head, onto the EMA model's later block at a less
-noisy t' (SELF_TRANSCENDENCE.md §3, METHOD.md §7)."""
+noisy t' (docs/method.md §12.2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,8 +1,8 @@
 """The repository stands alone (docs/design.md, contract 11): no file in it cites the team's documents kept outside
 it, every citation of the repository's own notes ("docs/method.md §9", "docs/design.md, contract 4") names a file,
 section or contract that exists, and every link into docs/ lands on a heading that exists."""
-import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 NOTES = ("method.md", "fidelity.md", "numbers.md", "design.md")
-SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache"}
 MAX_BYTES = 4 << 20  # built shards, databases and checkpoints are larger (or binary) and cite nothing
 
 # The outside documents, written so that this file does not cite them itself.
@@ -27,17 +26,19 @@ LINK = re.compile(r"\]\((?P<target>[^)\s#]*\.md)?(?:#(?P<anchor>[^)\s]+))?\)")
 
 
 def repository_text_files():
-    """(path, text) of every text file under the repository, .git and .venv excluded."""
-    for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        for name in sorted(files):
-            path = Path(folder) / name
-            if path.is_symlink() or path.stat().st_size > MAX_BYTES:
-                continue
-            data = path.read_bytes()
-            if b"\0" in data[:8192]:
-                continue
-            yield path, data.decode("utf-8", errors="replace")
+    """(path, text) of every text file of the repository: tracked, or new and not ignored (what a commit would hold;
+    built data, runs, the venv and generated package metadata are ignored, and a user's `make train` adds no file
+    here)."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in sorted(n for n in listed if n):
+        path = ROOT / name
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_BYTES:
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue
+        yield path, data.decode("utf-8", errors="replace")
 
 
 def slug(heading: str) -> str:

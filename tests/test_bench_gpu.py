@@ -74,6 +74,7 @@ def test_the_cpu_check_measures_everything_and_the_numbers_agree(cpu_check):
         assert modes == expected
         assert train["largest"] == {"bf16-mixed": 8, "fp32": 8}  # the tiny plan's cap
         assert train["tokens"] == 16 and train["flops_per_sample"] > 0 and train["compile_s"] >= 0
+        assert (train["optimizer_flops"] > 0) == name.startswith("LightningDiT")  # Muon's Newton-Schulz
         for r in train["rows"]:
             assert r["batch"] == (2 if r["kind"] == "paper" else 8)
             assert r["samples_per_sec"] * r["step_s"] == pytest.approx(r["batch"])

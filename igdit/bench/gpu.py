@@ -275,6 +275,19 @@ class TrainingStep:
         return marks
 
 
+def newton_schulz_flops(optimizer) -> int:
+    """FLOPs of one step's Newton-Schulz iterations in igdit.optim.MuonWithAuxAdam (0 for other optimisers): per
+    iteration on an a x b matrix (a <= b), X X^T, A A and B X: 2 (2 a^2 b + a^3). Not model FLOPs: MFU leaves them out."""
+    total = 0
+    for group in optimizer.param_groups:
+        if not group.get("use_muon"):
+            continue
+        for p in group["params"]:
+            a, b = sorted((p.shape[0], p.numel() // p.shape[0]))
+            total += group["ns_steps"] * 2 * (2 * a * a * b + a ** 3)
+    return total
+
+
 def _ema(module, decay: float):
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
@@ -371,6 +384,7 @@ class Trainee:
         optimizer = self.module.configure_optimizers()
         self.optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
         self.flops = self.module.training_flops(1)
+        self.optimizer_flops = newton_schulz_flops(self.optimizer)
         self.tokens = self.module.backbone.grid_size ** 2
         self.params = sum(p.numel() for p in self.module.parameters())
         self.rows: list[dict] = []
@@ -492,6 +506,7 @@ def training(name: str, config: str, plan: Plan, budget: Budget, peak: Optional[
                     f"{name} bf16-mixed + compile at batch {target}", compile_need):
                 out["compile_s"] = model.compile([target])
         return out | {"rows": model.rows, "notes": model.notes, "params": model.params, "flops_per_sample": model.flops,
+                      "optimizer_flops": model.optimizer_flops,
                       "tokens": model.tokens, "settings": model.settings}
     finally:
         model.release()
@@ -922,6 +937,11 @@ def sections(results: dict) -> list[str]:
             notes.append(f"{name}: torch.compile took ~{train['compile_s']:.0f} s (first forward and backward)")
         notes.append(f"{name}: {train['params']:,} parameters, {train['flops_per_sample'] / 1e9:.4g} GFLOPs "
                      f"per training sample (forward + backward), {train['tokens']} tokens per sample")
+        if train.get("optimizer_flops"):
+            step = train["flops_per_sample"] * plan["batch"]
+            notes.append(f"{name}: Muon's Newton-Schulz iterations: {train['optimizer_flops'] / 1e12:.4g} TFLOPs per "
+                         f"optimiser step, {train['optimizer_flops'] / step:.2f}x the model FLOPs of a step at batch "
+                         f"{plan['batch']} (in the optimiser column's time, not in MFU)")
     if cpu_check:
         lines.append("\n(CPU check: 'peak memory' is the process's peak resident memory, not a device's.)")
     lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])

@@ -4,6 +4,7 @@ report reads as the GPU report will (rendered from the same results with a GPU's
 to come from a CPU check."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -48,12 +49,14 @@ def cpu_check(tmp_path_factory):
         return recorded["results"]
 
     bench_gpu.run = recording
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    os.chdir(out.parent)  # a module-scoped fixture runs before conftest's own folder: take one here
     try:
-        threads = torch.get_num_threads()
         assert core.main(["--gpu", "--device", "cpu", "--tiny", "--out", str(out)]) == 0
     finally:
         bench_gpu.run = original
         torch.set_num_threads(threads)
+        os.chdir(cwd)
     return recorded["results"], out.read_text()
 
 
@@ -165,3 +168,32 @@ def test_fid_overhead_is_the_callbacks_schedule_against_the_training_steps_betwe
     assert out["decode_s"] == pytest.approx(3 * 1250 * 0.001) and out["reference_once_s"] == pytest.approx(6.25)
     assert out["fraction"] == pytest.approx((74 + 3.75) / 20_000) and out["inception_share"] == pytest.approx(1e-3)
     assert math.isclose(out["train_s"], 20_000)
+
+
+class _DeviceLimit(bench_gpu.TrainingStep):
+    """The real tiny training step on a device that runs out of memory above ``limit`` samples, as a GPU does."""
+
+    limit = 16
+
+    def __call__(self, x, y, clock=None):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().__call__(x, y, clock)
+
+
+def test_the_largest_batch_is_found_by_doubling_until_out_of_memory_and_the_budget_skips_by_name():
+    config = bench_gpu.MODELS["SiT-XL/2 + IG"][0]
+    plan = bench_gpu.Plan.tiny_cpu()
+    plan.batch_cap = 256
+    budget = bench_gpu.Budget(60, echo=lambda line: None)
+    module = bench_gpu.build(bench_gpu.paper_model(config, tiny=True), "cpu")
+    module.train_generator = torch.Generator().manual_seed(0)
+    step = _DeviceLimit(module, module.configure_optimizers(), False, 1.0, None)
+    assert bench_gpu.largest_batch(step, 2, plan, budget, "tiny") == (16, False)  # 4, 8, 16 fit; 32 does not
+    assert all(p.grad is None for p in module.parameters())  # the failed step's gradients are gone
+    plan.batch_cap = 8
+    assert bench_gpu.largest_batch(step, 2, plan, budget, "tiny") == (8, True)  # stopped by the cap
+    assert not bench_gpu.Budget(0, echo=lambda line: None).allows("compile", 1)
+    spent = bench_gpu.Budget(0, echo=lambda line: None)
+    spent.allows("SiT-XL/2 + IG bf16-mixed + compile", 150)
+    assert spent.skipped == ["SiT-XL/2 + IG bf16-mixed + compile (needs ~150 s, 0 s left)"]

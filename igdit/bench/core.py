@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the GPU benchmark (make bench-gpu; the same as --only gpu): paper-scale training, "
                              "sampling, FID and data on one accelerator, under --budget seconds")
     parser.add_argument("--tiny", action="store_true", help="with --gpu --device cpu: tiny models, a CPU check")
-    parser.add_argument("--budget", type=float, default=None, help="--gpu: seconds the whole run may take (450)")
+    parser.add_argument("--budget", type=float, default=None, help="--gpu: seconds the measurements may take (420)")
     parser.add_argument("--models", nargs="+", default=None,
                         help="--gpu: measure only these (default: 'SiT-XL/2 + IG' 'LightningDiT-XL/1 + IG')")
     args, extra = parser.parse_known_args(argv)

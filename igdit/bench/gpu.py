@@ -14,7 +14,7 @@ gradient-norm clip, the YAML's optimiser, the EMA update of ``EMAWeightAveraging
 ``decode_latents`` through a VAE of the real architecture (random weights: cost does not depend on them).
 Training data are random latents already on the device; the data section measures the loader on its own.
 
-    python -m igdit.bench --gpu                       # on a GPU: the whole run, <= --budget seconds (450)
+    python -m igdit.bench --gpu                       # on a GPU: the whole run, <= --budget seconds (420)
     python -m igdit.bench --gpu --device cpu --tiny   # a CPU check of this script: tiny models, seconds
 
 A time budget bounds the whole run: every measurement has its own (seconds of timed steps after warm-up), and a
@@ -88,15 +88,16 @@ class Plan:
 
     device: str
     tiny: bool = False
-    budget_s: float = 450.0
+    budget_s: float = 420.0  # measurements; imports and the report come on top, the whole under 8 minutes
     batch: int = 32
     batch_cap: int = 4096
     warmup: int = 2
     min_steps: int = 3
     measure_s: float = 2.0
     exit_rounds: int = 6
+    ig_rounds: int = 4  # interleaved rounds of IG against no guidance
     sampling_batch: int = 64
-    sampling_s: float = 30.0
+    sampling_s: float = 20.0
     short_steps: dict = field(default_factory=lambda: {"sde": 10, "heun": 5, "euler": 10})
     fid_batch: Optional[int] = None  # None: the FIDCallback's own batch_size
     stream_samples: int = 4_000
@@ -107,7 +108,7 @@ class Plan:
     @classmethod
     def tiny_cpu(cls, device: str = "cpu", budget_s: float = 300.0) -> "Plan":
         return cls(device=device, tiny=True, budget_s=budget_s, batch=2, batch_cap=8, warmup=1, min_steps=2,
-                   measure_s=0.0, exit_rounds=1, sampling_batch=2, sampling_s=0.0,
+                   measure_s=0.0, exit_rounds=1, ig_rounds=1, sampling_batch=2, sampling_s=0.0,
                    short_steps={"sde": 2, "heun": 1, "euler": 1}, fid_batch=2, stream_samples=400, stream_batches=4,
                    stream_workers=1, compile_largest=False)
 
@@ -199,11 +200,18 @@ def environment(device: str) -> dict:
 
 
 # ---- models -----------------------------------------------------------------------------------------------
+def _config_path(config: str) -> Path:
+    """An experiment YAML as given, else relative to the checkout this package runs from (the paper YAMLs live in
+    its experiments/ folder, whatever the working directory)."""
+    path = Path(config)
+    return path if path.is_file() or path.is_absolute() else Path(__file__).resolve().parents[2] / config
+
+
 def paper_model(config: str, tiny: bool = False, exit_head: bool = True) -> dict:
     """The ``model:`` section of a paper YAML (compile off: the benchmark compiles where it measures compile).
     tiny: the TINY_BACKBONE overrides. exit_head False: the same model without exit heads and without the exit
     loss (every other term kept), to price the exit head."""
-    model = copy.deepcopy(yaml.safe_load(Path(config).read_text())["model"])
+    model = copy.deepcopy(yaml.safe_load(_config_path(config).read_text())["model"])
     model["compile"] = False
     backbone = model["backbone"]["init_args"]
     if tiny:
@@ -277,7 +285,8 @@ class TrainingStep:
 
 def newton_schulz_flops(optimizer) -> int:
     """FLOPs of one step's Newton-Schulz iterations in igdit.optim.MuonWithAuxAdam (0 for other optimisers): per
-    iteration on an a x b matrix (a <= b), X X^T, A A and B X: 2 (2 a^2 b + a^3). Not model FLOPs: MFU leaves them out."""
+    iteration on an a x b matrix (a <= b), X X^T, A A and B X: 2 (2 a^2 b + a^3). Not model FLOPs: MFU leaves
+    them out."""
     total = 0
     for group in optimizer.param_groups:
         if not group.get("use_muon"):
@@ -296,7 +305,7 @@ def _ema(module, decay: float):
 
 def _yaml_training(config: str) -> dict:
     """The trainer settings a training step depends on: gradient clip, EMA decay, per-GPU batch."""
-    full = yaml.safe_load(Path(config).read_text())
+    full = yaml.safe_load(_config_path(config).read_text())
     trainer = full["trainer"]
     ema = next((c["init_args"].get("decay", 0.999) for c in trainer.get("callbacks", [])
                 if c["class_path"].endswith("EMAWeightAveraging")), None)
@@ -344,21 +353,30 @@ def largest_batch(step: TrainingStep, start: int, plan: Plan, budget: Budget, wh
     while batch <= plan.batch_cap:
         if not budget.allows(f"{what}: batch {batch} in the search", 6 * last_s + 5):
             return fits, True
-        x, y = _batch(step.module, batch, plan.device)
-        try:
-            begin = time.perf_counter()
-            step(x, y)
-            _sync(plan.device)
-            last_s = time.perf_counter() - begin
-        except torch.OutOfMemoryError:
-            del x, y
-            step.optimizer.zero_grad(set_to_none=True)
-            _free(plan.device)
+        begin = time.perf_counter()
+        if not _fits(step, batch, plan.device):
             budget.log(f"{what}: batch {batch} runs out of memory; largest: {fits}")
             return fits, False
-        del x, y
+        last_s = time.perf_counter() - begin
         fits, batch = batch, batch * 2
     return fits, True
+
+
+def _fits(step: TrainingStep, batch: int, device: str) -> bool:
+    """One training step at ``batch``; False when it runs out of device memory (its memory freed again)."""
+    try:
+        step(*_batch(step.module, batch, device))
+        _sync(device)
+        return True
+    except torch.OutOfMemoryError:
+        pass
+    # outside the except clause: the traceback no longer holds the step's activations
+    step.optimizer.zero_grad(set_to_none=True)
+    _free(device)
+    return False
+
+
+OUT_OF_MEMORY = "out of device memory"
 
 
 def _mode_setup(mode: str) -> Callable[[], None]:
@@ -389,6 +407,7 @@ class Trainee:
         self.params = sum(p.numel() for p in self.module.parameters())
         self.rows: list[dict] = []
         self.prior: list[dict] = []  # rows measured on an earlier build of the same model
+        self.last_failure: Optional[str] = None
         self.notes: list[str] = []
 
     def step(self, bf16: bool, optimizer=None) -> TrainingStep:
@@ -401,18 +420,23 @@ class Trainee:
         return (self.plan.warmup + self.plan.min_steps) * per_sample * batch + self.plan.measure_s + 2
 
     def measure(self, mode: str, kind: str, batch: int, step: TrainingStep) -> Optional[dict]:
-        """Time ``step`` at ``batch``; a row, or None (and a note) when it runs out of device memory."""
-        undo = _mode_setup(mode)
+        """Time ``step`` at ``batch``; a row, or None (and a note) when it runs out of device memory or fails."""
+        undo, failure = _mode_setup(mode), None
         try:
             timing = time_steps(step, batch, self.plan)
         except torch.OutOfMemoryError:
-            step.optimizer.zero_grad(set_to_none=True)
-            _free(self.plan.device)
-            self.notes.append(f"{mode} at batch {batch}: out of device memory")
-            self.budget.log(f"{self.name} {self.notes[-1]}")
-            return None
+            failure = OUT_OF_MEMORY
+        except Exception as err:  # e.g. a compiler error: the note says it, the other rows stay
+            failure = _one_line(err)
         finally:
             undo()
+        if failure is not None:  # outside the except clause: the traceback no longer holds the step's tensors
+            step.optimizer.zero_grad(set_to_none=True)
+            _free(self.plan.device)
+            self.notes.append(f"{mode} at batch {batch}: {failure}")
+            self.budget.log(f"{self.name} {self.notes[-1]}")
+            self.last_failure = failure
+            return None
         row = {"mode": mode, "kind": kind, **timing, "tokens_per_sec": timing["samples_per_sec"] * self.tokens,
                "mfu": mfu(self.flops, timing["samples_per_sec"], self.peak)}
         self.rows.append(row)
@@ -454,6 +478,8 @@ class Trainee:
                         compile_s = max(row["warmup_s"] - self.plan.warmup * row["step_s"], 0.0)
                         self.budget.log(f"{self.name}: torch.compile took ~{compile_s:.0f} s")
                     break
+                if self.last_failure != OUT_OF_MEMORY:
+                    break  # a failure other than memory: a smaller batch will not help
                 target //= 2
         return compile_s
 
@@ -505,11 +531,13 @@ def training(name: str, config: str, plan: Plan, budget: Budget, peak: Optional[
             if plan.compile_largest and target and target != plan.batch and budget.allows(
                     f"{name} bf16-mixed + compile at batch {target}", compile_need):
                 out["compile_s"] = model.compile([target])
-        return out | {"rows": model.rows, "notes": model.notes, "params": model.params, "flops_per_sample": model.flops,
-                      "optimizer_flops": model.optimizer_flops,
-                      "tokens": model.tokens, "settings": model.settings}
+    except Exception as err:  # what was measured before stays in the report, with this note
+        model.notes.append(f"tier {tier} stopped: {_one_line(err)}")
+        budget.log(f"{name} {model.notes[-1]}")
     finally:
         model.release()
+    return out | {"rows": model.rows, "notes": model.notes, "params": model.params, "flops_per_sample": model.flops,
+                  "optimizer_flops": model.optimizer_flops, "tokens": model.tokens, "settings": model.settings}
 
 
 def _merge_training(first: Optional[dict], second: Optional[dict]) -> Optional[dict]:
@@ -664,23 +692,25 @@ def sampling(name: str, config: str, preset_name: str, plan: Plan, budget: Budge
             "decode_s": decode, "images_per_sec": images_per_sec,
             "mfu": mfu(row_flops * run["rows"] / batch, batch / run["seconds"], peak),
             "fid50k_minutes": FID_RUN_IMAGES / FID_RUN_GPUS / images_per_sec / 60}
-    # IG against no guidance: same sampler, a short run, bf16, interleaved
+    # IG against no guidance: same sampler, a short run, bf16, interleaved (a warm-up round first)
     short = replace_steps(preset.sampling, plan.short_steps[preset.sampling.sampler])
     ig = [r for r in rules if isinstance(r, InternalGuidance)]
     pair = {"none": [], "ig": ig}
     times = {k: [] for k in pair}
     counts = {}
-    for _ in range(2):
+    for round_ in range(plan.ig_rounds + 1):
         for key, chosen in pair.items():
             run = _sample(module, chosen, short, batch, device, True)
-            times[key].append(run["seconds"])
+            if round_:
+                times[key].append(run["seconds"])
             counts[key] = (run["nfe"], run["rows"])
-    out["ig_vs_none"] = {"steps": short.steps, "nfe": counts["ig"][0], "nfe_none": counts["none"][0],
+    out["ig_vs_none"] = {"steps": short.steps, "rounds": plan.ig_rounds, "nfe": counts["ig"][0],
+                         "nfe_none": counts["none"][0],
                          "rows": counts["ig"][1], "rows_none": counts["none"][1],
                          "time_ratio": statistics.median(a / b for a, b in zip(times["ig"], times["none"]))}
     budget.log(f"{name} IG/none: {out['ig_vs_none']['time_ratio']:.3f} at NFE {counts['ig'][0]} vs {counts['none'][0]}")
     # FID-10k during training: one batch of every FIDCallback setting of the paper YAML
-    callback = next(c["init_args"] for c in yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    callback = next(c["init_args"] for c in yaml.safe_load(_config_path(config).read_text())["trainer"]["callbacks"]
                     if c["class_path"].endswith("FIDCallback"))
     fid_sampling = Sampling(callback.get("sampler", "euler"), callback.get("steps", 50), callback.get("schedule"))
     fid_batch = plan.fid_batch or callback.get("batch_size", 250)
@@ -778,8 +808,8 @@ def run(plan: Plan, models: Optional[list[str]] = None, echo: Callable[[str], No
     env = environment(plan.device)
     budget.log(f"{env['name']}, torch {env['torch']}, CUDA {env['cuda']}, budget {plan.budget_s:.0f} s"
                + (" (tiny models: a CPU check)" if plan.tiny else ""))
-    if _cuda(plan.device):
-        torch.cuda.set_device(plan.device)
+    if _cuda(plan.device) and torch.device(plan.device).index is not None:
+        torch.cuda.set_device(plan.device)  # events and caches on the chosen device
     peak = env["peak_tflops"]
     chosen = {k: v for k, v in MODELS.items() if models is None or k in models}
     results: dict = {"env": env, "plan": dict(plan.__dict__), "models": {}}
@@ -913,10 +943,12 @@ def sections(results: dict) -> list[str]:
     lines += ["Training: random latents on the device, the paper YAML's model, optimiser, gradient clip and EMA, "
               "one step as Lightning's fit loop runs it (`igdit.bench.gpu.TrainingStep`); step = wall time per step "
               f"after {plan['warmup']} warm-up step(s) (at least {plan['min_steps']} steps and {plan['measure_s']:g} "
-              f"s); its parts are medians of {'perf_counter' if cpu_check else 'CUDA-event'} intervals. MFU: forward + backward FLOPs per sample counted once "
+              f"s); its parts are medians of {'perf_counter' if cpu_check else 'CUDA-event'} intervals. "
+              "MFU: forward + backward FLOPs per sample counted once "
               "on the meta device (`IGDiTModule.training_flops`, exit head included) x samples/s / peak. "
               "'largest': the largest batch paper x 2^k whose step fits in device memory (doubling until out of "
-              "memory); compile runs at bf16's largest.\n",
+              "memory); " + ("compile runs at bf16's largest." if plan["compile_largest"] else
+                             "compile runs at the paper batch only.") + "\n",
               "| model | mode | batch | samples/s | tokens/s | step (ms) | fwd+bwd / optimiser / EMA (ms) | "
               "peak memory (GiB) | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -973,8 +1005,9 @@ def sections(results: dict) -> list[str]:
             lines.append(f"| {name} | `{s['preset']}` | {mode} | {m['nfe']}{scaled} | {m['rows_ratio']:.2f} | "
                          f"{m['seconds']:.2f} | {m['decode_s']:.2f} | {m['images_per_sec']:.2f} | {_pct(m['mfu'])} | "
                          f"{m['fid50k_minutes']:,.1f} |")
-    lines += ["", "IG against no guidance (bf16 autocast, the preset's sampler on a short grid, 2 interleaved rounds; "
-              "target: same NFE and network rows, time ratio <= 1.03):\n",
+    lines += ["", f"IG against no guidance (bf16 autocast, the preset's sampler on a short grid, {plan['ig_rounds']} "
+              "interleaved rounds after a warm-up one, median of the per-round ratios; target: same NFE and network "
+              "rows, time ratio <= 1.03):\n",
               "| model | steps | NFE IG / none | rows IG / none | time ratio |", "|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         v = (entry.get("sampling") or {}).get("ig_vs_none")

@@ -9,8 +9,9 @@ loss, and what its extra networks cost at paper scale (``igdit.bench.terms``); L
 posterior-shard streaming (``igdit.bench.lightningdit``; XL/1 timings need a GPU); and, not a timing, how far float16
 moves stored posterior means against the posterior's std (``moments_rounding_error``).
 Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
-the median of per-round ratios. `--only data|terms|lightningdit|moments` runs one part alone and replaces its
-sections in the report, keeping the other sections' numbers.
+the median of per-round ratios. `--only data|terms|lightningdit|moments|gpu` runs one part alone and replaces its
+sections in the report, keeping the other sections' numbers; `--gpu` (``make bench-gpu``) is `--only gpu`:
+paper-scale training, sampling, FID during training and data streaming on one accelerator (``igdit.bench.gpu``).
 """
 from __future__ import annotations
 
@@ -522,11 +523,46 @@ def _lightningdit_part(args) -> list[str]:
     return lines
 
 
+def _gpu_part(args) -> list[str]:
+    """Paper-scale training, sampling, FID and data on one accelerator (``igdit.bench.gpu``); --device cpu --tiny
+    checks the script on a CPU with tiny models."""
+    from igdit.bench import gpu as bench_gpu
+
+    plan = bench_gpu.Plan.tiny_cpu(args.device) if args.tiny else bench_gpu.Plan(args.device)
+    if args.budget is not None:
+        plan.budget_s = args.budget
+    results = bench_gpu.run(plan, args.models)
+    print(json.dumps(results, indent=1, default=str))
+    return bench_gpu.sections(results)
+
+
 PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part, "moments": _moments_part,
-         "st": _st_part}
-# moments: no note of date and load; the section names its command and does not depend on the machine
+         "st": _st_part, "gpu": _gpu_part}
+# moments, gpu: no note of date and load; each section names its command and machine itself
 PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT", "moments": None,
-               "st": "Self-Transcendence teacher"}
+               "st": "Self-Transcendence teacher", "gpu": None}
+
+
+def _check_gpu_args(args) -> Optional[str]:
+    """The one-line refusal of a --gpu run that cannot run here, or None."""
+    from igdit.bench.gpu import MODELS
+
+    if args.device is None:
+        if not torch.cuda.is_available():
+            return ("error: --gpu: no CUDA device here; run it on a machine with an NVIDIA GPU, or add "
+                    "--device cpu --tiny for a CPU check of the script")
+        args.device = "cuda"
+    if not args.device.startswith(("cuda", "cpu")):
+        return f"error: --device: {args.device} is not allowed; cuda, cuda:<index> or cpu (with --tiny)"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return f"error: --device: {args.device} is not allowed; this machine has no CUDA device"
+    if args.device == "cpu" and not args.tiny:
+        return ("error: --device: cpu is not allowed without --tiny; the paper-scale models need a GPU "
+                "(--tiny: tiny models, a CPU check of the script)")
+    unknown = [m for m in args.models or [] if m not in MODELS]
+    if unknown:
+        return f"error: --models: {unknown[0]} is not allowed; choose from " + ", ".join(repr(m) for m in MODELS)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,9 +575,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="one part (data: streaming and encoders; terms: the loss terms' cost; lightningdit: "
                              "LightningDiT sampling and posterior streaming; moments: float16 vs float32 posterior "
                              "moments; st: Self-Transcendence's teacher under both t-range semantics and "
-                             "precisions), merged into the existing report")
-    parser.add_argument("--device", default=None, help="where LightningDiT sampling is timed (default: cuda if any)")
+                             "precisions; gpu: the GPU benchmark), merged into the existing report")
+    parser.add_argument("--device", default=None,
+                        help="where LightningDiT sampling (and --gpu) is timed (default: cuda if any)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU benchmark (make bench-gpu; the same as --only gpu): paper-scale training, "
+                             "sampling, FID and data on one accelerator, under --budget seconds")
+    parser.add_argument("--tiny", action="store_true", help="with --gpu --device cpu: tiny models, a CPU check")
+    parser.add_argument("--budget", type=float, default=None, help="--gpu: seconds the measurements may take (420)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="--gpu: measure only these (default: 'SiT-XL/2 + IG' 'LightningDiT-XL/1 + IG')")
     args, extra = parser.parse_known_args(argv)
+    if args.gpu or args.only == "gpu":
+        args.only = "gpu"
+        refusal = _check_gpu_args(args)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 2
     torch.set_num_threads(os.cpu_count() or 1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     load = os.getloadavg()[0]

@@ -121,9 +121,9 @@ def sampling_throughput(size: str = "XL/1", batch: int = 64, steps: int = 124, r
             "dtype": str(dtype).replace("torch.", ""), "flops": exit_head_flops(size)}
 
 
-def _shards(root: Path, samples: int, per_shard: int, shape: tuple, posterior: bool) -> Path:
-    """Train shards of random float16 latents in the build's layout (posterior: mean.npy + std.npy, else
-    latent.npy) and the meta.json fields LatentDataModule reads; one val shard."""
+def _shards(root: Path, samples: int, per_shard: int, shape: tuple, posterior: bool, dtype: str = "float16") -> Path:
+    """Train shards of random latents in the build's layout (posterior: mean.npy + std.npy in ``dtype``, else
+    latent.npy in float16) and the meta.json fields LatentDataModule reads; one val shard."""
     import numpy as np
     import webdataset as wds
 
@@ -137,15 +137,16 @@ def _shards(root: Path, samples: int, per_shard: int, shape: tuple, posterior: b
             n = min(per_shard, total - index * per_shard)
             with wds.TarWriter(str(root / f"{split}-{index:06d}.tar")) as sink:
                 for i in range(n):
-                    arrays = ({"mean.npy": rng.standard_normal(shape).astype(np.float16),
-                               "std.npy": (0.1 * rng.random(shape)).astype(np.float16)} if posterior
+                    arrays = ({"mean.npy": rng.standard_normal(shape).astype(dtype),
+                               "std.npy": (0.1 * rng.random(shape)).astype(dtype)} if posterior
                               else {"latent.npy": rng.standard_normal(shape).astype(np.float16)})
                     sink.write({"__key__": f"{index * per_shard + i:08d}", **arrays, "cls": int(i % 1000)})
             counts[split].append(n)
     meta = {"format_version": FORMAT_VERSION, "latent_shape": list(shape), "num_classes": 1000,
             "encoder": {"name": "benchmark"}, "normalizer": {"shift": [0.0] * shape[0], "scale": [1.0] * shape[0]},
             "num_samples": {s: sum(c) for s, c in counts.items()}, "num_shards": {s: len(c) for s, c in counts.items()},
-            "shard_samples": counts, "latent_format": "posterior" if posterior else "sample", "dtype": "float16"}
+            "shard_samples": counts, "latent_format": "posterior" if posterior else "sample",
+            "dtype": dtype if posterior else "float16"}
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 

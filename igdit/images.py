@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -20,6 +19,8 @@ def image_grid(blocks: list[torch.Tensor], upscale: int = 4, gap: int = 8, pad: 
     are upscaled by ``upscale`` (nearest: 8x8 digits stay crisp), framed by ``pad`` white pixels, and the blocks
     are separated by a ``gap``-pixel white column.
     """
+    from torchvision.utils import make_grid  # torchvision's import costs seconds: only where a grid is drawn
+
     pieces = []
     for b, block in enumerate(blocks):
         rows, columns = block.shape[:2]

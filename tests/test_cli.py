@@ -194,10 +194,10 @@ def test_igdit_help_lists_every_subcommand_and_no_empty_ones(capsys):
 
 
 @pytest.mark.parametrize("command,argv", [
-    ("data", ["build", "digits", "out", "--samples-per-shard", "50"]),
+    ("data", ["build", "digits", "out", "--samples_per_shard", "50"]),
     ("sample", ["--ckpt", "m.ckpt", "--ig.scale", "1.5", "--steps", "7"]),
     ("eval", ["--npz", "s.npz", "--ref", "data/digits"]),
-    ("sweep", ["sweeps/ig_guidance.yaml", "--n-trials", "3"]),
+    ("sweep", ["sweeps/ig_guidance.yaml", "--n_trials", "3"]),
     ("import-ckpt", ["--from", "official-sit", "w.pt", "--model", "SiT-XL/2", "--exit", "8", "--out", "o.ckpt"]),
 ])
 def test_every_subcommand_prints_its_config_and_reads_it_back(command, argv, tmp_path, capsys):

@@ -15,7 +15,7 @@ formats (meta.json ``latent_format``):
   * ``sample`` (the identity encoder, ``--latent sample`` or ``mean``, and every build before the key existed):
     ``latent.npy`` = (c, h, w) float16 normalised latent, one fixed draw of the VAE posterior (or its mean);
   * ``posterior`` (``--latent posterior``, VAEs only): ``mean.npy`` and ``std.npy`` = (c, h, w) float32 by default
-    (``--moments-dtype float16``: about half the bytes), the VAE posterior's mean and std carried through the normaliser
+    (``--moments_dtype float16``: about half the bytes), the VAE posterior's mean and std carried through the normaliser
     (mean' = (mean - shift) scale, std' = std |scale|), so that x = mean' + std' eps is a normalised posterior
     draw; the DataModule draws a fresh eps every time it reads the sample (SiT+IG's training draws from stored
     moments at every step).
@@ -328,7 +328,7 @@ def _check_device(device: str) -> None:
 def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, arrays: int = 1,
                                dtype: str = "float16") -> int:
     if samples_per_shard is not None and shard_size_mb is not None:
-        raise ConfigError("shard_size_mb", shard_size_mb, "give --samples-per-shard or --shard-size-mb, not both")
+        raise ConfigError("shard_size_mb", shard_size_mb, "give --samples_per_shard or --shard_size_mb, not both")
     if shard_size_mb is not None:
         check_number("shard_size_mb", shard_size_mb, low=0, low_inclusive=False)
         samples_per_shard = max(1, int(shard_size_mb * 2**20 // bytes_per_sample(latent_shape, arrays, dtype)))

@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeFloat
 
-from igdit.checkpoints import load_module
 from igdit.config import ConfigError, UnitInterval
 from igdit.guidance.base import GuidanceRule, extrapolate
 
@@ -47,6 +46,8 @@ class Autoguidance(GuidanceRule):
             device = next(backbone.parameters()).device
             key = (self.ckpt, self.weights, str(device))
             if key not in _GUIDES:
+                from igdit.checkpoints import load_module  # Lightning: only when a guide is loaded
+
                 _GUIDES[key] = load_module(self.ckpt, "guidance.ag.ckpt", device, weights=self.weights).backbone
             self.guide = _GUIDES[key]
         for name in ("num_classes", "latent_shape"):

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -83,19 +84,43 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
 
 
 def evaluate_checkpoint(ckpt: str, experiment: Optional[str], overrides: Sequence[str]) -> dict[str, dict]:
-    """`igdit validate --config <experiment> --ckpt_path <ckpt>` with the experiment's FIDCallback; its results."""
+    """`igdit validate --config <experiment> --ckpt_path <ckpt>` with the experiment's FIDCallback; its results.
+
+    The MLflow run is named ``eval-step<N>-<checkpoint>`` and tagged as an evaluation with the checkpoint's path,
+    sha256, step and training run; its metrics and grids are logged at the checkpoint's step."""
+    import hashlib
+
     from igdit.callbacks import FIDCallback
     from igdit.checkpoints import read_checkpoint
     from igdit.experiment import run_lightning_cli
+    from igdit.tracking import MLflowLogger
 
-    read_checkpoint(ckpt)  # one-line errors for what is not a safe igdit checkpoint, before anything is built
+    checkpoint = read_checkpoint(ckpt)  # one-line errors for what is not a safe igdit checkpoint, before anything
     if experiment is None:
         raise ConfigError("--experiment", experiment, "pass the experiment YAML whose FIDCallback defines the evaluation")
     cli = run_lightning_cli(["--config", experiment, *overrides], run=False)
     callback = next((cb for cb in cli.trainer.callbacks if isinstance(cb, FIDCallback)), None)
     if callback is None:
         raise ConfigError("--experiment", experiment, "has no igdit.callbacks.FIDCallback in trainer.callbacks")
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
+    logger = cli.trainer.logger
+    if isinstance(logger, MLflowLogger):
+        digest = hashlib.sha256()
+        with open(ckpt, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        step = int(checkpoint.get("global_step", 0))
+        trained_in = (checkpoint.get("igdit_run") or {}).get("run_id")
+        logger.name_run(f"eval-step{step}-{Path(ckpt).stem}", {
+            "igdit.role": "evaluation", "igdit.checkpoint.path": str(Path(ckpt).resolve()),
+            "igdit.checkpoint.sha256": digest.hexdigest(), "igdit.checkpoint.step": step,
+            **({"igdit.checkpoint.run_id": trained_in} if trained_in else {}),
+            "mlflow.note.content": f"`igdit eval` of {Path(ckpt).resolve()} (step {step})"
+                                   + (f", trained in run {trained_in}" if trained_in else "")})
+    with warnings.catch_warnings():
+        # the experiment's ModelCheckpoints restore their state from the checkpoint and say that the run folder
+        # changed; an evaluation saves no checkpoint
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
     return {f"{callback.metric_name}/{name}": result for name, result in callback.last_results.items()}
 
 

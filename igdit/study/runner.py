@@ -30,7 +30,7 @@ from igdit.metrics.evaluate import FrechetEvaluator, evaluate_settings
 from igdit.study.claims import CLAIMS, Results
 from igdit.study.report import write_report
 from igdit.study.spec import StudySpec, resolve_references
-from igdit.tracking import open_experiment
+from igdit.tracking import open_experiment, provenance, provenance_tags
 
 
 class Study:
@@ -58,7 +58,7 @@ class Study:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"{self.spec.name}-{mode}", tags={
-            "igdit.study": self.spec.name, "igdit.mode": mode, "igdit.role": "study"})
+            **provenance_tags(), "igdit.study": self.spec.name, "igdit.mode": mode, "igdit.role": "study"})
         self.client.log_artifact(run.info.run_id, self.spec.path)
         return run.info.run_id
 
@@ -172,7 +172,7 @@ class Study:
             run_id = json.loads(started.read_text())["run_id"]
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=f"{arm}-seed{seed}", tags={
-                "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "training",
+                **provenance_tags(), "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "training",
                 "igdit.arm": arm, "igdit.seed": str(seed)}).info.run_id
             started.write_text(json.dumps({"run_id": run_id}))
         config = folder / "config.yaml"
@@ -341,34 +341,6 @@ def _alive(pid: int) -> bool:
 def _duration(seconds: float) -> str:
     minutes = int(round(seconds / 60))
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
-
-
-def provenance() -> dict:
-    """What produced the numbers: the git commit of the checkout igdit runs from (when it is one), the versions of
-    the packages that compute them, and the machine."""
-    import os
-    import platform
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", ""
-    versions = {}
-    for name in ("igdit", "torch", "lightning", "scipy", "numpy", "mlflow"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return {"commit": commit + (" (with uncommitted changes)" if dirty and commit != "unknown" else ""),
-            "versions": versions, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                                             f"{platform.system()} {platform.release()}, Python "
-                                             f"{platform.python_version()}"}
 
 
 def write_measurements(study, results: Results) -> Path:

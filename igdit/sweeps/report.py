@@ -6,10 +6,9 @@ import warnings
 from typing import Optional
 
 import optuna
-from mlflow.entities import Param
 
 from igdit.sweeps.spec import SweepSpec
-from igdit.tracking import open_experiment
+from igdit.tracking import log_new_params, open_experiment, provenance_tags
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -36,20 +35,36 @@ class SweepTracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.spec.name, tags={
-            "igdit.study": self.spec.name, "igdit.storage": self.spec.storage, "igdit.role": "study",
+            **provenance_tags(), "igdit.study": self.spec.name, "igdit.storage": self.spec.storage, "igdit.role": "study",
             "igdit.kind": self.spec.kind, "igdit.sweep_file": self.spec.path, "igdit.base": self.spec.base})
         self.client.log_artifact(run.info.run_id, self.spec.path)
         return run.info.run_id
 
     def start_trial(self, trial) -> str:
         run = self.client.create_run(self.experiment_id, run_name=f"{self.spec.name}-trial-{trial.number}", tags={
-            "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "trial",
+            **provenance_tags(), "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "trial",
             "igdit.trial": str(trial.number)})
         return run.info.run_id
 
+    def log_trial_config(self, run_id: str, config: dict) -> None:
+        """A trial's resolved configuration (``SamplingTrial.describe``) as params (``evaluation/steps``, ...) and as
+        config.yaml. A training trial's Lightning logger records its experiment itself."""
+        params = {}
+
+        def flatten(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    flatten(f"{prefix}/{key}" if prefix else str(key), inner)
+            else:
+                params[prefix] = value
+
+        flatten("", config)
+        log_new_params(self.client, run_id, params)
+        self.client.log_dict(run_id, config, "config.yaml")
+
     def end_trial(self, run_id: str, number: int, state: str, params: dict, value: Optional[float],
                   attrs: dict) -> None:
-        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        log_new_params(self.client, run_id, params)
         if value is not None and math.isfinite(value):
             self.client.log_metric(run_id, "objective", value)
         tags = {"igdit.state": state, **{f"igdit.{k}": str(v)[:4000] for k, v in attrs.items()}}

@@ -81,6 +81,8 @@ def run_sweep(spec: SweepSpec, checkpoint: Optional[str] = None, n_trials: Optio
         state, value, attrs = "FAIL", None, {}
         try:
             check_constraints(spec, values)
+            if hasattr(objective, "describe"):
+                tracker.log_trial_config(run_id, objective.describe(values))
             value = objective(trial, values, run_id)
             if not math.isfinite(value):
                 raise FloatingPointError(f"{objective.metric} is {value}")

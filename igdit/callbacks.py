@@ -78,7 +78,8 @@ class SampleGrid(pl.Callback):
             return
         sampling = Sampling("euler", self.steps)
         blocks = class_grid(pl_module, self.samples_per_class, sampling,
-                            [[], [InternalGuidance(self.ig_scale)]], self.seed)
+                            [[], [InternalGuidance(self.ig_scale)]], self.seed,
+                            progress=trainer.progress_bar_callback is not None)
         self.path = save_png(image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1])),
                              run_directory(trainer) / self.filename)
         logger = trainer.logger
@@ -269,6 +270,49 @@ class FIDCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_eval_step = state_dict.get("last_eval_step")
+
+
+class StepProgress(pl.Callback):
+    """A line every ``every`` of the run's steps (a fraction of max_steps), with the time so far and an ETA, for runs
+    without a progress bar: the study's runs, trained one after the other or in parallel processes, into a log
+    where a bar would be one line rewritten thousands of times (and two processes' bars would overwrite each
+    other). ``label`` starts each line (``"st seed 1"``)."""
+
+    def __init__(self, label: str = "", every: PositiveFloat = 0.1):
+        self.label, self.every = label, every
+        self.started: Optional[float] = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self.first_step = time.perf_counter(), trainer.global_step
+        self.next_step = self._after(trainer, trainer.global_step)
+
+    def _after(self, trainer, step: int) -> int:
+        stride = max(1, round(self.every * trainer.max_steps)) if trainer.max_steps > 0 else 1
+        return (step // stride + 1) * stride
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or self.started is None or step < self.next_step:
+            return
+        self.next_step = self._after(trainer, step)
+        spent = time.perf_counter() - self.started
+        done, total = step - self.first_step, trainer.max_steps
+        eta = f", ETA {_duration(spent / done * (total - step))}" if done and total > step else ""
+        share = f" ({100 * step / total:.0f}%)" if total > 0 else ""
+        loss = trainer.callback_metrics.get("train/loss")
+        loss = f", train/loss {float(loss):.4f}" if loss is not None else ""
+        print(f"{self.label + ': ' if self.label else ''}step {step}/{total}{share}, {_duration(spent)}{eta}{loss}",
+              flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``"42s"``, ``"7m05s"``, ``"1h12m"``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class StepFromCheckpoint(pl.Callback):

@@ -105,3 +105,20 @@ def test_model_summary_has_no_empty_flops_column_and_says_what_a_step_costs(capl
     assert "| FLOPs" not in caplog.text and "Total Flops" not in caplog.text
     flops = module.training_flops(8)
     assert "FLOPs per training step (forward + backward, batch 8 per device)" in caplog.text and flops > 1e8
+
+
+def test_a_run_without_a_progress_bar_prints_a_line_every_tenth_with_an_eta(capsys, monkeypatch):
+    import igdit.callbacks as callbacks
+
+    clock = iter(float(s) for s in range(0, 1000, 5))
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    progress = callbacks.StepProgress("st seed 1")
+    trainer = SimpleNamespace(global_step=0, max_steps=40, is_global_zero=True,
+                              callback_metrics={"train/loss": torch.tensor(0.5)})
+    progress.on_train_start(trainer, None)
+    for step in range(1, 41):
+        trainer.global_step = step
+        progress.on_train_batch_end(trainer, None, None, None, step)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and lines[0] == "st seed 1: step 4/40 (10%), 5s, ETA 45s, train/loss 0.5000"
+    assert lines[-1] == "st seed 1: step 40/40 (100%), 50s, train/loss 0.5000"

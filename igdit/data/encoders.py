@@ -137,7 +137,7 @@ def _load_autoencoder(name: str, folder: Optional[str], hub_id: Optional[str]):
             continue
         _LOADED[key] = (vae.eval().requires_grad_(False), str(where))
         return _LOADED[key]
-    hint = (f"download it once with `huggingface-cli download {hub_id}` (or copy the folder) and set HF_HOME, "
+    hint = (f"download it once with `hf download {hub_id}` (or copy the folder) and set HF_HOME, "
             "or pass --vae_path <folder>") if hub_id else "pass a folder holding config.json and the weights"
     raise ConfigError("encoder", name, "no loadable AutoencoderKL weights; looked in " + "; then ".join(tried)
                       + f"; {hint}")
@@ -328,7 +328,7 @@ class VAVAE(LDMVAE):
         if found is None:
             raise ConfigError("encoder", self.name, f"no weights: looked for {VAVAE_HUB['weights']} of "
                               f"{VAVAE_HUB['repo']} in the Hugging Face cache {hf_cache_dir()}; pass "
-                              f"{self.name}:<checkpoint> (download it once with `huggingface-cli download "
+                              f"{self.name}:<checkpoint> (download it once with `hf download "
                               f"{VAVAE_HUB['repo']} {VAVAE_HUB['weights']}`)")
         return str(Path(found).resolve())
 

@@ -247,18 +247,25 @@ def _sample_seed(seed: int, row: int, flipped: bool) -> int:
 
 
 def _fit_normalizer(method: str, encode: _Encoder, source: ImageSource, rows: Sequence[int], seed: int,
-                    workers: int) -> tuple[LatentNormalizer, dict]:
+                    workers: int, progress: bool = False) -> tuple[LatentNormalizer, dict]:
     """The normaliser the shards are written with, and how it was obtained (for meta.json)."""
     channels = encode.encoder.latent_shape(_image_shape(source, encode.side))[0]
     if method == "encoder":
         return encode.encoder.normalizer(channels), {"method": "encoder"}
-    images, used = [], []
-    for row, image, _ in _read(source, rows, workers):
-        if image is not None:
-            images.append(image)
-            used.append(row)
-    latents = torch.cat([encode(torch.stack(images[i:i + 256]), [_sample_seed(seed, r, False) for r in used[i:i + 256]])
-                         for i in range(0, len(images), 256)])
+    images, used, chunks = [], [], []
+    with tqdm(total=len(rows), desc="channel statistics", unit="image", disable=not progress) as bar:
+        for row, image, _ in _read(source, rows, workers):
+            if image is not None:
+                images.append(image)
+                used.append(row)
+            if len(images) == 256:  # encoded as they arrive: the bar moves with the encoder, not only the reader
+                chunks.append(encode(torch.stack(images), [_sample_seed(seed, r, False) for r in used[-256:]]))
+                images = []
+            bar.update(1)
+        if images:
+            chunks.append(encode(torch.stack(images), [_sample_seed(seed, r, False)
+                                                       for r in used[len(used) - len(images):]]))
+    latents = torch.cat(chunks)
     return LatentNormalizer.from_latents(latents), {"method": "channel-stats", "images": len(used),
                                                    "rule": "shift = per-channel mean, scale = 1 / per-channel std"}
 
@@ -441,7 +448,8 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                                       "listing or images changed); build into a new folder")
             else:
                 (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
-                norm, fit = _fit_normalizer(normalizer, encode, data, train_rows[:stats_images], seed, workers)
+                norm, fit = _fit_normalizer(normalizer, encode, data, train_rows[:stats_images], seed, workers,
+                                            progress)
                 plan = {"args": args, "fingerprint": data.fingerprint(), "normalizer": norm.to_dict(),
                         "normalizer_fit": fit, "num_shards": num_shards, "mtime": int(time.time())}
                 _write_json(plan_path, plan)

@@ -80,8 +80,10 @@ class SampleGrid(pl.Callback):
         blocks = class_grid(pl_module, self.samples_per_class, sampling,
                             [[], [InternalGuidance(self.ig_scale)]], self.seed,
                             progress=trainer.progress_bar_callback is not None)
-        self.path = save_png(image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1])),
-                             run_directory(trainer) / self.filename)
+        names = (pl_module.data_meta or {}).get("class_names") or [str(c) for c in range(pl_module.num_classes)]
+        grid = image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1]), row_labels=[str(n)[:12] for n in names],
+                          block_labels=["no guidance", f"IG w = {self.ig_scale:g}"])
+        self.path = save_png(grid, run_directory(trainer) / self.filename)
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(self.path))

@@ -4,6 +4,7 @@ import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -158,7 +159,13 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
 
     run_dir = tmp_path / "runs" / "igdit-digits" / run.info.run_id
     grid = Image.open(run_dir / "samples.png")
-    assert grid.height == 10 * (8 * 4 + 2) + 2  # one row per class: 8x8 digits upscaled x4, 2 px apart (make_grid)
+    # one row per class: 8x8 digits upscaled x4, 2 px apart (make_grid), under a band naming the two settings and
+    # right of a band naming the classes
+    header = grid.height - (10 * (8 * 4 + 2) + 2)
+    assert 10 <= header <= 40 and grid.width > 2 * (2 * (8 * 4 + 2) + 2) + 8
+    pixels = np.asarray(grid.convert("L"))
+    band = grid.width - (2 * (2 * (8 * 4 + 2) + 2) + 8)  # left of the two blocks of two samples each
+    assert pixels[:header].min() < 100 and pixels[header:, :band].min() < 100  # labels written in both bands
     assert str(run_dir / "samples.png") in out
 
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"

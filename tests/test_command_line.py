@@ -153,3 +153,28 @@ def test_help_pages_come_from_the_cache_after_the_first_time_and_follow_the_code
     first = capsys.readouterr().out
     assert main(["sweep", "--help"]) == 0
     assert capsys.readouterr().out == first and "usage: igdit sweep" in first
+
+
+def test_the_cli_silences_third_party_notes_that_say_nothing_to_an_igdit_user(caplog):
+    import logging
+    import warnings
+
+    import optuna
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from igdit.commands import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_third_party()  # what igdit's entry point runs, after whatever filters were there
+        warnings.warn("set_metric_names is experimental (supported from v3.2.0). The interface can change in the "
+                      "future.", optuna.exceptions.ExperimentalWarning)
+        warnings.warn("You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage.")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+                      FutureWarning)
+        warnings.warn("a warning igdit's user should see")
+    assert [str(w.message) for w in caught] == ["a warning igdit's user should see"]
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/...)")
+        rank_zero_info("a note igdit's user should see")
+    assert "litlogger" not in caplog.text and "a note igdit's user should see" in caplog.text

@@ -169,6 +169,8 @@ def test_the_cli_silences_third_party_notes_that_say_nothing_to_an_igdit_user(ca
         quiet_third_party()  # what igdit's entry point runs, after whatever filters were there
         warnings.warn("set_metric_names is experimental (supported from v3.2.0). The interface can change in the "
                       "future.", optuna.exceptions.ExperimentalWarning)
+        warnings.warn("Argument ``heartbeat_interval`` is an experimental feature. The interface can change in the "
+                      "future.", optuna.exceptions.ExperimentalWarning)
         warnings.warn("You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage.")
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
                       FutureWarning)

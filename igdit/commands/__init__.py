@@ -66,6 +66,7 @@ def quiet_third_party() -> None:
         logging.getLogger(name).addFilter(_DropMessages("litlogger"))
     # Optuna marks plots and options igdit uses on purpose as experimental (optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=r".* is experimental \(supported from v")
+    warnings.filterwarnings("ignore", message=r".* is an experimental feature")
     # `igdit eval`/`validate` load a checkpoint outside fit: the EMA weights are its state_dict, nothing is lost
     warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback, but loading a checkpoint")
     # torch 2.9+ deprecates a pytree class Lightning still checks for

@@ -44,7 +44,7 @@ def test_a_two_arm_study_reports_what_mlflow_recorded_and_resumes_without_redoin
     text = report.read_text()
     said = capsys.readouterr().out
     # progress: each run's steps with an ETA, the evaluations counted against the plan
-    assert re.search(r"^plain seed 0: step 10/20 \(50%\), \d+s, ETA \d+s", said, re.M), said
+    assert re.search(r"^plain seed 0: step 10/20 \(50%\), [\dhms]+, ETA [\dhms]+", said, re.M), said
     planned = int(re.search(r"^evaluating: (\d+) evaluation\(s\) to compute: ", said, re.M).group(1))
     assert planned >= 1 and len(re.findall(rf"^  evaluation \d+/{planned}: \S", said, re.M)) == planned, said
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -4,7 +4,8 @@ A command's help is built by its parser from the classes' signatures, and some p
 ``validate``: the whole Trainer) or timm (``import-ckpt``: the model families) just to exist: seconds of imports
 for a page of text. argparse and jsonargparse have no cache of their own, so the text is kept here, keyed by
 everything it is made of: the command, igdit's source files (path, size, modification time), the versions of the
-libraries whose signatures it lists, the Python version and the terminal width. Any change makes a new key;
+libraries whose signatures it lists, the Python version, the terminal width and the environment variables whose
+values a page shows as defaults. Any change makes a new key;
 ``IGDIT_HELP_CACHE=0`` turns the cache off. Only a bare ``igdit <command> --help`` is cached: with other options
 (``-c file --help``) the help shows their values.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 LIBRARIES = ("jsonargparse", "lightning", "torch", "timm", "optuna", "mlflow")
+# environment variables that a page's defaults show (the Hugging Face cache of `data build`, ...)
+ENVIRONMENT = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TORCH_HOME", "MLFLOW_TRACKING_URI")
 
 
 def cache_folder() -> Optional[Path]:
@@ -39,6 +42,8 @@ def help_key(command: str) -> str:
             digest.update(f"|{name}={version(name)}".encode())
         except PackageNotFoundError:
             digest.update(f"|{name}=none".encode())
+    for name in ENVIRONMENT:
+        digest.update(f"|{name}={os.environ.get(name)}".encode())
     for path in sorted(package.rglob("*.py")):
         stat = path.stat()
         digest.update(f"|{path.relative_to(package)}:{stat.st_size}:{stat.st_mtime_ns}".encode())

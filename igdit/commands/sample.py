@@ -49,7 +49,7 @@ def build_parser():
     parser.add_argument("--seed", type=NonNegativeInt, default=0)
     parser.add_argument("--out", type=str, default="samples", help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace samples.npz/samples.png in --out")
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=Optional[str], default=None, help="default: cuda if available, else cpu")
     return parser
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
     rules = build_rules({key: vars(args[key]) for key in RULES}, "guidance")
     if args.experiment is not None:
         check_experiment(args.experiment, read_checkpoint(args.ckpt)["hyper_parameters"])
-    device = args.device
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):

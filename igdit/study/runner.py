@@ -410,6 +410,8 @@ def _alive(pid: int) -> bool:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{int(round(seconds))}s"
     minutes = int(round(seconds / 60))
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 

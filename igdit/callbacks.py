@@ -11,8 +11,10 @@ import torch
 import numpy as np
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, WeightAveraging
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from igdit.compat import averaged_model, throughput_clocks
 from igdit.config import ConfigError, TrainingStopped
@@ -91,12 +93,22 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero:
             return
         sampling = Sampling("euler", self.steps)
-        blocks = class_grid(pl_module, self.samples_per_class, sampling, list(self.settings.values()), self.seed)
-        self.path = save_png(image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1])),
-                             run_directory(trainer) / self.filename)
+        blocks = class_grid(pl_module, self.samples_per_class, sampling, list(self.settings.values()), self.seed,
+                            progress=trainer.progress_bar_callback is not None)
+        names = (pl_module.data_meta or {}).get("class_names") or [str(c) for c in range(pl_module.num_classes)]
+        grid = image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1]), row_labels=[str(n)[:12] for n in names],
+                          block_labels=[setting_label(rules) for rules in self.settings.values()])
+        self.path = save_png(grid, run_directory(trainer) / self.filename)
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(self.path))
+
+
+def setting_label(rules) -> str:
+    """A guidance setting as a grid's column reads it: "no guidance", "IG w = 2", "IG w = 2 + CFG w = 1.5"."""
+    names = {"ig": "IG", "cfg": "CFG", "ag": "AG"}
+    active = [rule for rule in rules if rule.scale != 1.0]
+    return " + ".join(f"{names.get(rule.key, rule.key)} w = {rule.scale:g}" for rule in active) or "no guidance"
 
 
 class FIDCallback(pl.Callback):
@@ -261,6 +273,10 @@ class FIDCallback(pl.Callback):
             self._save_grids(trainer, grids)
 
     def _save_grids(self, trainer, grids: dict[str, torch.Tensor]) -> None:
+        """Each setting's grid as fid/step<N>-<setting>.png in the run folder and as the MLflow image
+        ``fid/<setting>`` at step N, so that the UI's step slider walks through a setting's grids."""
+        from PIL import Image
+
         for name, images in grids.items():
             path = run_directory(trainer) / "fid" / f"step{trainer.global_step:08d}-{name}.png"
             if len(images) < 10 or path.exists():  # an earlier evaluation of this step (igdit eval twice): keep it
@@ -268,13 +284,120 @@ class FIDCallback(pl.Callback):
             save_grid(images, path)
             logger = trainer.logger
             if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="fid")
+                with Image.open(path) as grid:
+                    logger.experiment.log_image(logger.run_id, grid.convert("RGB"), key=f"fid/{name}",
+                                                step=trainer.global_step, synchronous=True)
 
     def state_dict(self) -> dict:
         return {"last_eval_step": self.last_eval_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_eval_step = state_dict.get("last_eval_step")
+
+
+class StepProgress(pl.Callback):
+    """A line every ``every`` of the run's steps (a fraction of max_steps), with the time so far and an ETA, for runs
+    without a progress bar: the study's runs, trained one after the other or in parallel processes, into a log
+    where a bar would be one line rewritten thousands of times (and two processes' bars would overwrite each
+    other). ``label`` starts each line (``"st seed 1"``)."""
+
+    def __init__(self, label: str = "", every: PositiveFloat = 0.1):
+        self.label, self.every = label, every
+        self.started: Optional[float] = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self.first_step = time.perf_counter(), trainer.global_step
+        self.next_step = self._after(trainer, trainer.global_step)
+
+    def _after(self, trainer, step: int) -> int:
+        stride = max(1, round(self.every * trainer.max_steps)) if trainer.max_steps > 0 else 1
+        return (step // stride + 1) * stride
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or self.started is None or step < self.next_step:
+            return
+        self.next_step = self._after(trainer, step)
+        spent = time.perf_counter() - self.started
+        done, total = step - self.first_step, trainer.max_steps
+        eta = f", ETA {_duration(spent / done * (total - step))}" if done and total > step else ""
+        share = f" ({100 * step / total:.0f}%)" if total > 0 else ""
+        loss = trainer.callback_metrics.get("train/loss")
+        loss = f", train/loss {float(loss):.4f}" if loss is not None else ""
+        print(f"{self.label + ': ' if self.label else ''}step {step}/{total}{share}, {_duration(spent)}{eta}{loss}",
+              flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``"42s"``, ``"7m05s"``, ``"1h12m"``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class StepFromCheckpoint(pl.Callback):
+    """Under ``validate`` (`igdit eval`, `igdit validate`), the trainer's step counters as the checkpoint's training
+    left them, so that metrics and grids are logged at the checkpoint's step: the same MLflow step at which the
+    training run logged its own evaluation of that checkpoint (Lightning would log them at step 0)."""
+
+    def __init__(self):
+        self.loops: Optional[dict] = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.loops = (checkpoint.get("loops") or {}).get("fit_loop")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate" and self.loops:
+            trainer.fit_loop.load_state_dict(self.loops)
+
+
+class FinalStepMetrics(pl.Callback):
+    """Logs the last training step's ``train/*`` values when that step is not one of Lightning's logging steps
+    (every ``log_every_n_steps``): a 20-step run with ``log_every_n_steps: 25`` would otherwise log no loss at all,
+    and every run's curve would stop short of its end."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        if trainer.logger is None or step == 0 or (every and step % every == 0):
+            return
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+                   if key.startswith("train/") and getattr(value, "numel", lambda: 1)() == 1}
+        if metrics:  # at Lightning's step for that batch (its index), where a logging step would have put them
+            trainer.logger.log_metrics(metrics, step=step - 1)
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's model summary without its FLOPs column, which counts a forward pass of the module's
+    ``example_input_array`` (igdit's module has none: it read 0), and with the FLOPs of one training step instead
+    (forward + backward on the per-device batch, counted on the meta device; what SamplesThroughput's MFU uses)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.step_flops, self.batch = getattr(pl_module, "flops_per_batch", None), None
+        datamodule = getattr(trainer, "datamodule", None)
+        self.batch = getattr(datamodule, "per_device_batch_size", None)
+        if self.step_flops is None and self.batch and hasattr(pl_module, "training_flops"):
+            try:
+                self.step_flops = pl_module.training_flops(self.batch)
+            except Exception:  # a backbone that cannot run on the meta device: no line rather than a wrong one
+                self.step_flops = None
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+        from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes, 0,
+                                      *columns).splitlines()
+        table = [line for line in table if not line.endswith("Total Flops")]
+        if getattr(self, "step_flops", None):
+            table.append(f"{get_human_readable_count(self.step_flops):<10}FLOPs per training step (forward + "
+                         f"backward, batch {self.batch} per device)")
+        rank_zero_info("\n" + "\n".join(table))
 
 
 class Checkpoint(ModelCheckpoint):

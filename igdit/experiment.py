@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -37,6 +38,24 @@ class IGDiTCLI(LightningCLI):
         # or unsafe file raise a traceback): here the experiment's YAML says what is built, and resolve_resume
         # reads the checkpoint safely, with one-line errors.
         pass
+
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's Trainer with igdit's own run bookkeeping: the last step's losses logged whatever
+        log_every_n_steps is, evaluations of a checkpoint logged at its step, a model summary without the FLOPs
+        column Lightning cannot fill (and with the FLOPs of a training step)."""
+        from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+
+        from igdit.callbacks import FinalStepMetrics, ModelSummary, StepFromCheckpoint
+
+        trainer = super().instantiate_trainer(**kwargs)
+        callbacks = [ModelSummary(max_depth=c._max_depth, **c._summarize_kwargs) if type(c) is LightningModelSummary
+                     else c for c in trainer.callbacks]
+        own = [callback() for callback in (FinalStepMetrics, StepFromCheckpoint)
+               if not any(isinstance(c, callback) for c in callbacks)]
+        # Lightning keeps checkpoint callbacks last (they save what the others have done): igdit's go before them
+        first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, ModelCheckpoint)), len(callbacks))
+        trainer.callbacks = callbacks[:first_checkpoint] + own + callbacks[first_checkpoint:]
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         # Under torchrun/srun the process layout is fixed: trainer.devices and num_nodes must match it.

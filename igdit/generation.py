@@ -131,20 +131,36 @@ def generate(module, rules: list[GuidanceRule], sampling: Sampling, indices: lis
     return np.concatenate(chunks), nfe, denoiser
 
 
+class _CountedEvaluations:
+    """A denoiser that moves a progress bar by one per evaluation (samplers call ``denoiser(x, t, y, decide_at=)``)."""
+
+    def __init__(self, denoiser: Denoiser, bar):
+        self.denoiser, self.bar = denoiser, bar
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        out = self.denoiser(*args, **kwargs)
+        self.bar.update(1)
+        return out
+
+
 @torch.no_grad()
 def class_grid(module, samples_per_class: int, sampling: Sampling, settings: list[list[GuidanceRule]],
-               seed: int = 0) -> list[torch.Tensor]:
+               seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
     """The same noise for every class under each guidance setting: one (num_classes, samples_per_class, C, H, W)
-    uint8 block per setting (the end-of-run grid: e.g. the final head alone, then with Internal Guidance)."""
+    uint8 block per setting (the end-of-run grid: e.g. the final head alone, then with Internal Guidance). All classes
+    are one batch per setting, so ``progress`` counts the sampler's network evaluations."""
     k, n_cls = samples_per_class, module.num_classes
     labels = torch.arange(n_cls).repeat_interleave(k)
     was_training = module.backbone.training
     module.backbone.eval()
     blocks = []
-    for rules in settings:
-        denoiser = Denoiser(module.backbone, rules)
-        images = torch.cat([batch.cpu() for batch, _ in image_batches(
-            module, denoiser, sampling, list(range(n_cls * k)), labels, seed, n_cls * k, progress=False)])
-        blocks.append(images.reshape(n_cls, k, *images.shape[1:]))
+    evaluations = sampling.steps * (2 if sampling.sampler == "heun" else 1)  # Heun: at most two per step
+    with tqdm(total=len(settings) * evaluations, desc=f"sample grid ({n_cls} classes x {k}, {len(settings)} "
+              "settings)", unit="NFE", disable=not progress, leave=False) as bar:
+        for rules in settings:
+            denoiser = _CountedEvaluations(Denoiser(module.backbone, rules), bar)
+            images = torch.cat([batch.cpu() for batch, _ in image_batches(
+                module, denoiser, sampling, list(range(n_cls * k)), labels, seed, n_cls * k, progress=False)])
+            blocks.append(images.reshape(n_cls, k, *images.shape[1:]))
     module.backbone.train(was_training)
     return blocks

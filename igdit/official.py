@@ -15,7 +15,7 @@ normalisation. The import
   3. checks every key and shape against that backbone and names the first mismatch with both shapes,
   4. loads the decoder (``--vae``, else the format's) from a local path or the hub cache and checks that its
      latent channels and downsampling fit the model (latent side x downsampling = the training resolution),
-  5. builds the normaliser (``--latent-stats``, else the format's) and writes a Lightning checkpoint whose
+  5. builds the normaliser (``--latent_stats``, else the format's) and writes a Lightning checkpoint whose
      ``igdit_data_meta`` holds the decoder description and normaliser, as a trained checkpoint's does.
 
 Nothing is written unless every step passed. igdit's parameter names are the official ones (no key is
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import lightning
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
@@ -40,10 +39,9 @@ from igdit.config import ConfigError
 from igdit.data.encoders import LatentNormalizer, build_encoder, load_latent_stats
 from igdit.models import BACKBONES, Backbone, LightningDiT, SiT
 from igdit.models.base import check_exits
-from igdit.module import build_module
 
 WEIGHTS = ("ema", "model")  # the weight sets of an official training checkpoint
-_FLAGS = {"input_size": "--input-size", "in_channels": "--in-channels", "num_classes": "--num-classes"}
+_FLAGS = {"input_size": "--input_size", "in_channels": "--in_channels", "num_classes": "--num_classes"}
 
 
 @dataclass(frozen=True)
@@ -370,10 +368,10 @@ def _decoder(fmt: OfficialFormat, vae: str, facts: dict, latent_shape: tuple, re
         try:
             normalizer = encoder.normalizer(channels)
         except ConfigError as err:
-            raise ConfigError("--latent-stats", None, f"{err.allowed}; or pass --latent-stats <file>") from None
+            raise ConfigError("--latent_stats", None, f"{err.allowed}; or pass --latent_stats <file>") from None
         fit = {"method": "encoder"}
     if len(normalizer.shift) != channels:
-        raise ConfigError("--latent-stats", latent_stats, f"holds statistics of {len(normalizer.shift)} channels; "
+        raise ConfigError("--latent_stats", latent_stats, f"holds statistics of {len(normalizer.shift)} channels; "
                                                           f"the model's latents have {channels}")
     return encoder, normalizer, fit
 
@@ -395,6 +393,10 @@ def import_official(path: str | Path, fmt: str, out: str | Path, *, model: Optio
     the config's, else 1.0). resolution: the training image side (default: the args/config's, else 256).
     progress(stage) is called as each of the IMPORT_STAGES is done. Every check runs before anything is written.
     """
+    import lightning
+
+    from igdit.module import build_module  # Lightning: only when a checkpoint is written, not for --help
+
     progress = progress or (lambda stage: None)
     if fmt not in FORMATS:
         raise ConfigError("--from", fmt, "choose " + ", ".join(repr(f) for f in FORMATS))
@@ -425,7 +427,7 @@ def import_official(path: str | Path, fmt: str, out: str | Path, *, model: Optio
                      "latent_shape": latent_shape, "image_shape": [3, side, side], "resolution": side,
                      "num_classes": int(module.num_classes), "class_names": None}
     elif latent_stats is not None:
-        raise ConfigError("--latent-stats", latent_stats, "normalises latents for a decoder; pass --vae too")
+        raise ConfigError("--latent_stats", latent_stats, "normalises latents for a decoder; pass --vae too")
     progress(IMPORT_STAGES[2])
     module.backbone.load_state_dict(state, strict=True)
 

@@ -1,11 +1,18 @@
-"""MLflow as the default logger, and the run folder that holds a run's checkpoints, config and grids.
+"""MLflow as the default logger, the run folder that holds a run's checkpoints, config and grids, and what every
+run records about where its numbers come from.
 
 Default store: a sqlite file `mlflow.db` in the folder the run starts from (no server needed; since
-MLflow 3.7 the file store is on its way out), artifacts in `mlartifacts/` beside it. `tracking_uri`
-points at a server instead (the right choice for multi-node runs: sqlite on a network disk is fragile).
+MLflow 3.7 the file store is on its way out), artifacts in `mlartifacts/` beside it. `$MLFLOW_TRACKING_URI` or
+`tracking_uri` name another store: a sqlite file keeps its artifacts in `mlartifacts/` beside that file, a server
+its own artifact root (the right choice for multi-node runs: sqlite on a network disk is fragile).
+
+Every run (fit, eval, sweep trial, study run) carries its provenance as tags (``provenance_tags``): the git commit
+of the checkout igdit runs from (``mlflow.source.git.commit``, shown by the MLflow UI), whether it had uncommitted
+changes, and the versions of igdit, Python, torch, Lightning and MLflow.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import secrets
@@ -18,6 +25,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from igdit.compat import mlflow_experiment_name
+
+VERSIONED = ("igdit", "torch", "lightning", "mlflow", "optuna", "numpy", "scipy")
 
 
 def default_tracking_uri() -> str:
@@ -40,8 +49,8 @@ def open_store(uri: str) -> None:
 
 
 def open_experiment(tracking_uri: Optional[str], name: str):
-    """(client, experiment id) of the MLflow experiment ``name`` in ``tracking_uri`` (None: the default store, whose
-    artifacts go beside it), created if it does not exist yet."""
+    """(client, experiment id) of the MLflow experiment ``name`` in ``tracking_uri`` (None: the default store),
+    created if it does not exist yet, with its artifacts beside a sqlite store (``artifact_location``)."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
@@ -50,8 +59,7 @@ def open_experiment(tracking_uri: Optional[str], name: str):
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return client, experiment.experiment_id
-    artifacts = None if tracking_uri else default_artifact_location()
-    return client, client.create_experiment(name, artifact_location=artifacts)
+    return client, client.create_experiment(name, artifact_location=default_artifact_location(uri))
 
 
 def unique_run_name(experiment: str) -> str:
@@ -60,8 +68,107 @@ def unique_run_name(experiment: str) -> str:
     return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def default_artifact_location() -> str:
-    return Path("mlartifacts").resolve().as_uri()
+def default_artifact_location(tracking_uri: str) -> Optional[str]:
+    """Where a new experiment of the store ``tracking_uri`` keeps its artifacts: ``mlartifacts/`` beside a sqlite
+    file (MLflow would use ./mlruns of whatever folder the command runs in); None for any other store, which has
+    its own artifact root (a server's ``--artifacts-destination``, a file store's own folder)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict:
+    """What produced the numbers: the git commit of the checkout igdit runs from (``git_commit``; None outside a
+    checkout, e.g. an installed wheel), whether it had uncommitted changes, the versions of the packages that
+    compute them, and the machine. ``commit`` says both in words ("<sha> (with uncommitted changes)", "unknown")."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[1]  # the folder that holds the igdit package
+    sha, dirty = None, False
+    try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        # a package installed into a virtual environment that lies inside some other checkout is not that checkout
+        if top and Path(top).resolve() == root:
+            sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip() or None
+            dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"git_commit": sha, "dirty": dirty,
+            "commit": "unknown" if sha is None else sha + (" (with uncommitted changes)" if dirty else ""),
+            "versions": versions, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                                             f"{platform.system()} {platform.release()}, Python "
+                                             f"{platform.python_version()}"}
+
+
+def provenance_tags(role: Optional[str] = None) -> dict[str, str]:
+    """MLflow tags of ``provenance()``: ``mlflow.source.git.commit`` (the UI's "Git commit"; only in a checkout),
+    ``igdit.git_dirty``, ``versions.<package>``, ``igdit.machine`` and, given, ``igdit.role`` (fit, evaluation,
+    trial, study, training)."""
+    found = provenance()
+    tags = {f"versions.{name}": value for name, value in found["versions"].items()}
+    tags["igdit.machine"] = found["machine"]
+    if found["git_commit"]:
+        tags["mlflow.source.git.commit"] = found["git_commit"]
+        tags["igdit.git_dirty"] = str(found["dirty"]).lower()
+    if role is not None:
+        tags["igdit.role"] = role
+    return tags
+
+
+def set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
+    """All of ``tags`` in one request."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, str(value)[:5000]) for key, value in tags.items()])
+
+
+def log_new_params(client, run_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Log the ``params`` the run does not have yet, and return them. MLflow refuses to change a parameter, and a
+    resumed run (``--ckpt_path last --trainer.max_steps 80``) may legitimately change its trainer settings: the
+    first value stays, and the run folder's ``config.resume-<n>.yaml`` has the new one."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    new = {key: value for key, value in params.items() if key not in existing}
+    items = [Param(key, str(value)[:6000]) for key, value in new.items()]
+    for start in range(0, len(items), 100):  # MLflow's limit per request
+        client.log_batch(run_id, params=items[start:start + 100])
+    return new
+
+
+def trainer_params(config: dict, trainer=None) -> dict[str, Any]:
+    """The trainer settings of a resolved experiment config as MLflow params (``trainer/max_steps``,
+    ``trainer/precision``, ``trainer/devices``, ..., ``trainer/callbacks`` as class names, ``seed_everything``) and,
+    given the built trainer, what they resolved to (``trainer/world_size``, ``trainer/device_type``)."""
+    section = dict(config.get("trainer") or {})
+    params: dict[str, Any] = {}
+    for key, value in sorted(section.items()):
+        if key == "logger" or value is None:  # None: Lightning's default, which the config did not set
+            continue
+        if key == "callbacks":
+            value = [str(c.get("class_path", c)).rsplit(".", 1)[-1] if isinstance(c, dict) else type(c).__name__
+                     for c in value or []]
+        elif isinstance(value, dict):
+            value = value.get("class_path", value)
+        params[f"trainer/{key}"] = value
+    if "seed_everything" in config:
+        params["seed_everything"] = config["seed_everything"]
+    if trainer is not None:
+        params["trainer/world_size"] = trainer.world_size
+        params["trainer/device_type"] = trainer.strategy.root_device.type
+    return params
 
 
 class MLflowLogger(MLFlowLogger):
@@ -69,18 +176,16 @@ class MLflowLogger(MLFlowLogger):
 
     experiment_name: MLflow experiment; run_name: optional run name (default: unique per run); tracking_uri: None
     for $MLFLOW_TRACKING_URI or the local sqlite store, or e.g. "http://mlflow.cluster:5000"; artifact_location:
-    where a NEW experiment keeps artifacts (default mlartifacts/ beside mlflow.db); run_id: log into this existing
-    run (a resumed run is marked RUNNING again, then FINISHED). Nothing is created in the store before the run
-    first logs, so a configuration refused at start leaves no run behind.
+    where a NEW experiment keeps artifacts (default: mlartifacts/ beside a sqlite store, a server's own root);
+    run_id: log into this existing run (a resumed run is marked RUNNING again, then FINISHED). Nothing is created
+    in the store before the run first logs, so a configuration refused at start leaves no run behind.
     """
 
     def __init__(self, experiment_name: str = "igdit", run_name: Optional[str] = None,
                  tracking_uri: Optional[str] = None, artifact_location: Optional[str] = None,
                  tags: Optional[dict[str, Any]] = None, run_id: Optional[str] = None):
-        if tracking_uri is None:
-            tracking_uri = default_tracking_uri()
-            if tracking_uri.startswith("sqlite:///"):
-                artifact_location = artifact_location or default_artifact_location()
+        tracking_uri = tracking_uri or default_tracking_uri()
+        artifact_location = artifact_location or default_artifact_location(tracking_uri)
         if run_name is None and run_id is None:
             run_name = unique_run_name(experiment_name)
         kwargs = dict(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
@@ -96,6 +201,14 @@ class MLflowLogger(MLFlowLogger):
         finally:
             mlflow.tracking.MlflowClient = real
 
+    def name_run(self, name: str, tags: dict[str, Any]) -> None:
+        """Name the run and add ``tags`` to it, before it is created (``igdit eval`` names its run after the
+        checkpoint it scores); a run that exists already (``run_id``) only gets the tags."""
+        self.tags = {**(self.tags or {}), **{key: str(value) for key, value in tags.items()}}
+        if self._run_id is None:
+            self._run_name = name
+        elif self._initialized and rank_zero_only.rank == 0:
+            set_tags(self.experiment, self._run_id, self.tags)
 
     @property
     def experiment(self):
@@ -139,7 +252,8 @@ def run_directory(trainer) -> Path:
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Writes the resolved config into the run folder and attaches it to the MLflow run.
+    """Writes the resolved config into the run folder and attaches it to the MLflow run, with the run's
+    provenance (``provenance_tags``) and the trainer settings as parameters.
 
     MLflow truncates long parameter values, so the full YAML is an artifact too; the module's and the
     data module's hyper-parameters are logged as parameters by Lightning itself.
@@ -155,4 +269,21 @@ class RunConfigSaver(SaveConfigCallback):
         self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=False)
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_artifact(logger.run_id, str(path))
+            import yaml
+
+            client, run_id = logger.experiment, logger.run_id
+            client.log_artifact(run_id, str(path))
+            record_provenance(client, run_id, "fit" if stage == "fit" else "evaluation")
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            log_new_params(client, run_id, trainer_params(config, trainer))
+
+
+def record_provenance(client, run_id: str, role: Optional[str] = None) -> None:
+    """Tag the run with ``provenance_tags`` (and ``role`` unless it has one). A run resumed by other code keeps the
+    commit it started at; the commit that resumed it is ``igdit.resumed.git_commit``."""
+    tags = client.get_run(run_id).data.tags
+    new = provenance_tags(None if "igdit.role" in tags else role)
+    first = tags.get("mlflow.source.git.commit")
+    if first and new.get("mlflow.source.git.commit") not in (None, first) and "igdit.git_dirty" in tags:
+        new["igdit.resumed.git_commit"] = new.pop("mlflow.source.git.commit")
+    set_tags(client, run_id, new)

@@ -63,3 +63,17 @@ def test_the_loss_term_section_reports_every_arm_and_the_paper_scale_rows():
     text = "\n".join(sections(digits, paper))
     assert "| sra | 52.0 | 1.300 | 19.20 | 1.280 |" in text
     assert "| sra teacher | 30.7 (0.67) | 169.4 (0.71) |" in text and "SiT-XL/2 237.2 GFLOPs" in text
+
+
+def test_the_cli_part_reports_help_start_times_in_its_own_section():
+    from igdit.bench.core import PARTS, help_section
+
+    result = {"rounds": 3, "load_before": 1.5, "date": "2026-12-04", "rows": [
+        {"command": "igdit --help", "cache": "empty", "wall_s": 0.2, "cpu_s": 0.1},
+        {"command": "igdit fit --help", "cache": "filled", "wall_s": 0.25, "cpu_s": 0.12}]}
+    text = "\n".join(help_section(result))
+    assert text.startswith("## Command-line start (target: `igdit --help` and a subcommand's `--help` under 2 s")
+    assert "| `igdit fit --help` | filled | 0.25 | 0.12 |" in text and "load average 1.5" in text
+    assert "cli" in PARTS
+    report = _merge_sections("# Benchmarks\n\n## Exit head cost (target: <= 1%)\n\nratio 1.0165\n", help_section(result))
+    assert "ratio 1.0165" in report and report.count("## Command-line start") == 1

@@ -94,7 +94,7 @@ def test_encoder_is_rebuilt_from_its_meta_description(tiny_vae, tmp_path):
 
 @pytest.mark.parametrize("encoder,extra,where", [
     ("sd-vae-ft-ema", [], "the Hugging Face cache .*hub \\(for stabilityai/sd-vae-ft-ema\\)"),
-    ("sd-vae-ft-mse", ["--vae-path", "/no/such/folder"],
+    ("sd-vae-ft-mse", ["--vae_path", "/no/such/folder"],
      "the folder /no/such/folder \\(no such folder\\); then the Hugging Face cache .*stabilityai/sd-vae-ft-mse"),
     ("diffusers:/no/vae/here", [], "the folder /no/vae/here"),
 ])
@@ -136,7 +136,7 @@ def test_channel_statistics_normalise_the_training_latents_to_unit_scale(tmp_pat
 
 def test_flip_writes_a_mirrored_copy_of_each_training_image_next_to_it(tmp_path, capsys):
     out = tmp_path / "flip"
-    assert data_main(["build", "digits", str(out), "--flip", "--samples-per-shard", "200", "--no-progress"]) == 0
+    assert data_main(["build", "digits", str(out), "--flip", "--samples_per_shard", "200", "--no_progress"]) == 0
     assert "training images also mirrored" in capsys.readouterr().out
     meta = load_meta(out)
     train, val = _samples(out, "train"), _samples(out, "val")
@@ -199,7 +199,7 @@ def test_resumed_build_keeps_finished_shards_redoes_the_partial_one_and_equals_a
     with pytest.raises(ConfigError, match="^data.root: .*unfinished build.*--resume"):
         LatentDataModule(str(out))
 
-    assert data_main(["build", "digits", str(out), "--resume", "--no-progress"]) == 0
+    assert data_main(["build", "digits", str(out), "--resume", "--no_progress"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-00000[0-6].tar")} == finished  # kept as they were
     assert not list(out.glob("*.tmp"))
     resumed, uninterrupted = _samples(out), _samples(digits_root)  # _samples fails on a duplicate key
@@ -217,7 +217,7 @@ def test_resumed_build_keeps_finished_shards_redoes_the_partial_one_and_equals_a
 def test_two_ranks_under_torchrun_write_the_same_shards_as_one_process(digits_root, tmp_path):
     out = tmp_path / "two-ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "igdit.cli", "data", "build", "digits", str(out), "--no-progress"]
+           "-m", "igdit.cli", "data", "build", "digits", str(out), "--no_progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -232,11 +232,11 @@ def test_two_ranks_under_torchrun_write_the_same_shards_as_one_process(digits_ro
     (["--normalizer", "minmax"], "error: normalizer: 'minmax' is not allowed; choose one of 'encoder', 'channel-stats'"),
     (["--encoder", "sd-vae-ft-ema", "--latent", "mode"], "error: latent: 'mode' is not allowed; choose one of 'sample'"),
     (["--latent", "mean"], "error: latent: 'mean' is not allowed; only VAE encoders take it"),
-    (["--stats-images", "1"], "error: stats_images: 1 is not allowed; expected an integer >= 2"),
+    (["--stats_images", "1"], "error: stats_images: 1 is not allowed; expected an integer >= 2"),
     (["--workers", "-1"], "error: workers: -1 is not allowed; expected NonNegativeInt (v>=0)"),
-    (["--batch-size", "0"], "error: batch_size: 0 is not allowed; expected PositiveInt (v>0)"),
-    (["--shard-size-mb", "0"], "error: shard_size_mb: 0 is not allowed; expected PositiveFloat (v>0)"),
-    (["--samples-per-shard", "0"], "error: samples_per_shard: 0 is not allowed; expected PositiveInt (v>0)"),
+    (["--batch_size", "0"], "error: batch_size: 0 is not allowed; expected PositiveInt (v>0)"),
+    (["--shard_size_mb", "0"], "error: shard_size_mb: 0 is not allowed; expected PositiveFloat (v>0)"),
+    (["--samples_per_shard", "0"], "error: samples_per_shard: 0 is not allowed; expected PositiveInt (v>0)"),
     (["--device", "gpu7"], "error: device: 'gpu7' is not allowed; expected cpu, cuda or cuda:<index>"),
     (["--device", "cuda:9"], "error: device: 'cuda:9' is not allowed; expected cpu, cuda or cuda:<index> of a visible"),
 ])

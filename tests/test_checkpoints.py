@@ -105,7 +105,7 @@ def test_inferred_sizes_build_the_model_and_contradicting_flags_stop(tmp_path):
     out = import_official(tmp_path / "w.pt", "official-sit", tmp_path / "m.ckpt",
                           model="SiT-T/2", exits=[2], vae=None, input_size=16)
     assert _sizes(load_module(out)) == (16, 3, 7)
-    with pytest.raises(ConfigError, match=r"--num-classes: 1000 .*num_classes = 7"):
+    with pytest.raises(ConfigError, match=r"--num_classes: 1000 .*num_classes = 7"):
         import_official(tmp_path / "w.pt", "official-sit", tmp_path / "n.ckpt",
                         model="SiT-T/2", exits=[2], vae=None, num_classes=1000)
 

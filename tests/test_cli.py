@@ -1,7 +1,10 @@
 """The `igdit` command: shipped configs parse, bad values stop with one line, a short fit end to end."""
 import hashlib
+import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -129,7 +132,17 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     assert run.data.params["backbone/init_args/size"] == "T/2"
     assert run.data.params["root"] == str(digits_root)  # the data module's fields are logged too
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "samples.png", "fid"} <= artifacts
+    assert {"config.yaml", "samples.png", "images"} <= artifacts
+    # provenance: the checkout's commit, the versions, the trainer settings
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if head and (REPO / ".git").exists():
+        assert run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["versions.torch"] == version("torch") and run.data.tags["versions.igdit"] == version("igdit")
+    assert run.data.tags["igdit.role"] == "fit"
+    assert run.data.params["trainer/max_steps"] == "40" and run.data.params["trainer/precision"] == "32-true"
+    assert run.data.params["trainer/devices"] == "1" and run.data.params["trainer/world_size"] == "1"
+    assert run.data.params["seed_everything"] == "0"
+    assert "SampleGrid" in run.data.params["trainer/callbacks"]
 
     # FIDCallback: every 20 steps, each guidance setting, on the EMA weights, with grids and a best checkpoint.
     settings = ("none", "ig", "ig_cfg")
@@ -138,13 +151,21 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
         assert [m.step for m in history] == [19, 39] and all(0 < m.value < 1000 for m in history)
     assert run.data.params["fid/weights"] == "ema" and run.data.params["fid/metric"] == "fd_digits"
     assert run.data.params["fid/num_samples"] == "100" and run.data.params["fid/steps"] == "2"
-    grids = {a.path for a in client.list_artifacts(run.info.run_id, "fid")}
-    assert {f"fid/step{s:08d}-{n}.png" for s in (20, 40) for n in settings} == grids
+    grids = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "images")}
+    # MLflow's log_image(key, step): the UI's slider walks through each setting's grids by step
+    assert {(n, s) for s in (20, 40) for n in settings} == {
+        (g.split("+")[0].removeprefix("fid~"), int(g.split("+")[2])) for g in grids if g.endswith(".png")}
     assert "sample quality  fd_digits/ig" in out
 
     run_dir = tmp_path / "runs" / "igdit-digits" / run.info.run_id
     grid = Image.open(run_dir / "samples.png")
-    assert grid.height == 10 * (8 * 4 + 2) + 2  # one row per class: 8x8 digits upscaled x4, 2 px apart (make_grid)
+    # one row per class: 8x8 digits upscaled x4, 2 px apart (make_grid), under a band naming the two settings and
+    # right of a band naming the classes
+    header = grid.height - (10 * (8 * 4 + 2) + 2)
+    assert 10 <= header <= 40 and grid.width > 2 * (2 * (8 * 4 + 2) + 2) + 8
+    pixels = np.asarray(grid.convert("L"))
+    band = grid.width - (2 * (2 * (8 * 4 + 2) + 2) + 8)  # left of the two blocks of two samples each
+    assert pixels[:header].min() < 100 and pixels[header:, :band].min() < 100  # labels written in both bands
     assert str(run_dir / "samples.png") in out
 
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
@@ -175,6 +196,21 @@ def test_fit_end_to_end_writes_mlflow_run_grid_and_reloadable_ema_checkpoint(dig
     assert printed.keys() == logged.keys()
     for key in logged:
         assert printed[key] == pytest.approx(logged[key], rel=1e-3), key
+    # the evaluation's run: named after the checkpoint, tagged with it, logged where the training run logged step 40
+    evaluation = client.search_runs([run.info.experiment_id], filter_string="tags.`igdit.role` = 'evaluation'")
+    assert len(evaluation) == 1
+    evaluation = evaluation[0]
+    assert evaluation.info.run_name == "eval-step40-last"
+    tags = evaluation.data.tags
+    assert tags["igdit.checkpoint.path"] == str(ckpt_path.resolve()) and tags["igdit.checkpoint.step"] == "40"
+    assert tags["igdit.checkpoint.sha256"] == hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
+    assert tags["igdit.checkpoint.run_id"] == run.info.run_id and tags["versions.igdit"]
+    for name in settings:
+        trained = client.get_metric_history(run.info.run_id, f"fd_digits/{name}")[-1]
+        scored = client.get_metric_history(evaluation.info.run_id, f"fd_digits/{name}")
+        assert [m.step for m in scored] == [trained.step] == [39]
+    eval_grids = [a.path for a in client.list_artifacts(evaluation.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(g.split("+")[2]) for g in eval_grids) == [40, 40, 40]
 
     # A second run never touches the first run's files.
     digest = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
@@ -194,10 +230,10 @@ def test_igdit_help_lists_every_subcommand_and_no_empty_ones(capsys):
 
 
 @pytest.mark.parametrize("command,argv", [
-    ("data", ["build", "digits", "out", "--samples-per-shard", "50"]),
+    ("data", ["build", "digits", "out", "--samples_per_shard", "50"]),
     ("sample", ["--ckpt", "m.ckpt", "--ig.scale", "1.5", "--steps", "7"]),
     ("eval", ["--npz", "s.npz", "--ref", "data/digits"]),
-    ("sweep", ["sweeps/ig_guidance.yaml", "--n-trials", "3"]),
+    ("sweep", ["sweeps/ig_guidance.yaml", "--n_trials", "3"]),
     ("import-ckpt", ["--from", "official-sit", "w.pt", "--model", "SiT-XL/2", "--exit", "8", "--out", "o.ckpt"]),
 ])
 def test_every_subcommand_prints_its_config_and_reads_it_back(command, argv, tmp_path, capsys):

@@ -95,7 +95,7 @@ def test_second_build_into_the_same_folder_is_refused_and_deletes_nothing(built,
 
 def test_upsampling_to_16_is_recorded_in_meta_and_shapes(tmp_path, capsys):
     out = tmp_path / "digits16"
-    assert data_main(["build", "digits", str(out), "--resolution", "16", "--samples-per-shard", "500"]) == 0
+    assert data_main(["build", "digits", str(out), "--resolution", "16", "--samples_per_shard", "500"]) == 0
     assert "meta.json" in capsys.readouterr().out
     meta = load_meta(out)
     assert meta["upsampled"] is True and meta["resolution"] == 16

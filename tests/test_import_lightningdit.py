@@ -63,7 +63,7 @@ def _import(argv, capsys):
 def test_training_checkpoint_imports_with_everything_from_its_config(files, tmp_path, capsys):
     out = tmp_path / "ldit.ckpt"
     code, printed, _ = _import(["--from", "official-lightningdit", files["ckpt"], "--vae", f"vavae-f16d32:{files['vavae']}",
-                                "--latent-stats", files["stats"], "--out", out], capsys)
+                                "--latent_stats", files["stats"], "--out", out], capsys)
     assert code == 0 and "LightningDiT-T/1 exits [2]" in printed and "600000" in printed
     module = load_module(out)
     backbone = module.backbone
@@ -87,7 +87,7 @@ def test_training_checkpoint_imports_with_everything_from_its_config(files, tmp_
 def test_bare_ddp_state_dict_needs_only_what_it_cannot_say(files, tmp_path, capsys):
     out = tmp_path / "bare.ckpt"
     base = ["--from", "official-lightningdit", files["bare"], "--vae", f"vavae-f16d32:{files['vavae']}",
-            "--latent-stats", files["stats"], "--out", out]
+            "--latent_stats", files["stats"], "--out", out]
     # the paper's exit (block 8) and resolution (256 px) do not fit the tiny model: one line each
     code, _, err = _import(base, capsys)
     assert code == 2 and err.startswith("error: --exit: 8") and len(err.splitlines()) == 1 and not out.exists()
@@ -114,7 +114,7 @@ def test_normalisation_follows_the_training_config(files, tmp_path, capsys):
     # statistics given explicitly are scaled by the multiplier (x = (z - mean) / std * multiplier)
     out2 = tmp_path / "stats.ckpt"
     assert _import(["--from", "official-lightningdit", tmp_path / "plain.pt", "--vae", f"vavae-f16d32:{files['vavae']}",
-                    "--latent-stats", files["stats"], "--latent-multiplier", "0.5", "--out", out2], capsys)[0] == 0
+                    "--latent_stats", files["stats"], "--latent_multiplier", "0.5", "--out", out2], capsys)[0] == 0
     assert load_module(out2).data_meta["normalizer"] == load_latent_stats(str(files["stats"]), 0.5).to_dict()
 
 
@@ -122,11 +122,11 @@ def test_normalisation_follows_the_training_config(files, tmp_path, capsys):
 def test_imported_lightningdit_samples_to_png_and_npz(files, tmp_path, capsys):
     out = tmp_path / "ldit.ckpt"
     assert _import(["--from", "official-lightningdit", files["ckpt"], "--vae", f"vavae-f16d32:{files['vavae']}",
-                    "--latent-stats", files["stats"], "--out", out], capsys)[0] == 0
+                    "--latent_stats", files["stats"], "--out", out], capsys)[0] == 0
     samples = tmp_path / "samples"
     argv = ["sample", "--ckpt", str(out), "--sampler", "heun", "--steps", "3", "--schedule", "shifted",
             "--heun_last_step", "heun", "--heun_decide", "evaluation", "--ig.scale", "1.4", "--cfg.scale", "1.45",
-            "--cfg.interval", "[0, 0.81]", "--num", "4", "--labels", "random", "--batch-size", "3", "--out", str(samples),
+            "--cfg.interval", "[0, 0.81]", "--num", "4", "--labels", "random", "--batch_size", "3", "--out", str(samples),
             "--device", "cpu"]
     assert igdit(argv) == 0
     printed = capsys.readouterr().out
@@ -173,7 +173,7 @@ def test_unknown_format(files, tmp_path, capsys):
 
 def test_another_family_or_size_names_the_first_mismatching_key(files, tmp_path, capsys):
     out = tmp_path / "x.ckpt"
-    vae = ["--vae", f"vavae-f16d32:{files['vavae']}", "--latent-stats", files["stats"]]
+    vae = ["--vae", f"vavae-f16d32:{files['vavae']}", "--latent_stats", files["stats"]]
     _refused(["--from", "official-lightningdit", files["ckpt"], "--model", "LightningDiT-B/1", "--out", out, *vae],
              capsys, out, "error: --model: 'LightningDiT-B/1'",
              "pos_embed has shape (1, 4, 128) in the checkpoint, the model expects (1, 4, 768)")
@@ -190,7 +190,7 @@ def test_another_family_or_size_names_the_first_mismatching_key(files, tmp_path,
 def test_vae_that_does_not_fit_the_model(files, tmp_path, capsys):
     out = tmp_path / "x.ckpt"
     torch.save({"state_dict": ldm_state_dict(ch=32, z_channels=16)}, tmp_path / "d16.pt")
-    base = ["--from", "official-lightningdit", files["ckpt"], "--latent-stats", files["stats"], "--out", out]
+    base = ["--from", "official-lightningdit", files["ckpt"], "--latent_stats", files["stats"], "--out", out]
     _refused(base + ["--vae", f"ldm-vae:{tmp_path / 'd16.pt'}"], capsys, out, "error: --vae:",
              "16 latent channels; the model denoises 32-channel latents")
     _refused(base + ["--vae", f"ldm-vae:{files['f8']}"], capsys, out, "error: --vae:", "downsamples by 8",
@@ -202,19 +202,19 @@ def test_missing_vae_or_statistics_file_names_where_it_looked(files, tmp_path, c
     base = ["--from", "official-lightningdit", files["ckpt"], "--out", out]
     _refused(base + ["--vae", f"vavae-f16d32:{tmp_path / 'nope.pt'}"], capsys, out, "error: --vae:", "no such file",
              str(tmp_path / "nope.pt"))
-    _refused(base + ["--vae", f"vavae-f16d32:{files['vavae']}", "--latent-stats", tmp_path / "nope.pt"], capsys, out,
-             "error: --latent-stats:", "no such file")
+    _refused(base + ["--vae", f"vavae-f16d32:{files['vavae']}", "--latent_stats", tmp_path / "nope.pt"], capsys, out,
+             "error: --latent_stats:", "no such file")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     _refused(base, capsys, out, "error: --vae: 'vavae-f16d32'", "hustvl/vavae-imagenet256-f16d32-dinov2",
              str(tmp_path / "empty-cache"))
-    _refused(base + ["--vae", f"vavae-f16d32:{files['vavae']}"], capsys, out, "error: --latent-stats:",
+    _refused(base + ["--vae", f"vavae-f16d32:{files['vavae']}"], capsys, out, "error: --latent_stats:",
              "latents_stats.pt", str(tmp_path / "empty-cache"))
 
 
 def test_a_preset_for_another_model_is_refused_before_sampling(files, tmp_path, capsys):
     out = tmp_path / "ldit.ckpt"
     assert _import(["--from", "official-lightningdit", files["ckpt"], "--vae", f"vavae-f16d32:{files['vavae']}",
-                    "--latent-stats", files["stats"], "--out", out], capsys)[0] == 0
+                    "--latent_stats", files["stats"], "--out", out], capsys)[0] == 0
     samples = tmp_path / "samples"
     assert igdit(["sample", "--ckpt", str(out), "--preset", "lightningdit-xl1-ig-cfg", "--num", "2",
                   "--out", str(samples), "--device", "cpu"]) == 2

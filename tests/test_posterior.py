@@ -269,7 +269,7 @@ def test_float32_moments_take_more_bytes(float32_root):
     tar = root / "train-000000.tar"
     assert tar.stat().st_size <= 10240 + meta["shard_samples"]["train"][0] * bytes_per_sample((4, 8, 8), 2, "float32")
     assert tar.stat().st_size > 10240 + meta["shard_samples"]["train"][0] * bytes_per_sample((4, 8, 8), 2, "float16")
-    # --shard-size-mb counts float32 samples: fewer fit in the same size
+    # --shard_size_mb counts float32 samples: fewer fit in the same size
     from igdit.data.shards import _resolve_samples_per_shard
 
     sizes = {d: _resolve_samples_per_shard(None, 1.0, (4, 32, 32), False, 2, d) for d in ("float16", "float32")}
@@ -277,14 +277,14 @@ def test_float32_moments_take_more_bytes(float32_root):
 
 
 def test_a_bad_moments_dtype_is_one_line(tmp_path, capsys, tiny_vae):
-    assert igdit(["data", "build", "digits", str(tmp_path / "a"), "--moments-dtype", "float64"]) == 2
+    assert igdit(["data", "build", "digits", str(tmp_path / "a"), "--moments_dtype", "float64"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: moments_dtype: float64 is not allowed;")
     assert "float16" in err and "float32" in err and not (tmp_path / "a").exists()
     with pytest.raises(ConfigError, match=r"^moments_dtype: 'bfloat16' is not allowed; choose one of 'float16', 'float32'$"):
         build_dataset("digits", tmp_path / "b", moments_dtype="bfloat16")
     # only posterior shards store moments: the single-draw latent.npy stays float16
-    assert igdit(["data", "build", "digits", str(tmp_path / "c"), "--moments-dtype", "float32"]) == 2
+    assert igdit(["data", "build", "digits", str(tmp_path / "c"), "--moments_dtype", "float32"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: moments_dtype: 'float32' is not allowed; only posterior")
     assert not any((tmp_path / name).exists() for name in ("b", "c"))
@@ -292,7 +292,7 @@ def test_a_bad_moments_dtype_is_one_line(tmp_path, capsys, tiny_vae):
 
 def test_an_unfinished_build_from_before_the_choice_resumes_as_float16(posterior_root, tmp_path):
     """Its plan has no moments_dtype and its finished shards hold float16 moments: the default (float32) would mix
-    dtypes in one folder, so only --moments-dtype float16 resumes it."""
+    dtypes in one folder, so only --moments_dtype float16 resumes it."""
     import shutil
 
     root, images, meta = posterior_root

@@ -78,7 +78,7 @@ def test_merge_parts_puts_samples_in_index_order(tmp_path):
 def test_sample_command_writes_adm_npz_and_refuses_to_overwrite(tmp_path, capsys):
     ckpt = _save(_module(), tmp_path / "m.ckpt")
     out = tmp_path / "out"
-    args = ["--ckpt", ckpt, "--sampler", "heun", "--steps", "3", "--num", "12", "--batch-size", "5",
+    args = ["--ckpt", ckpt, "--sampler", "heun", "--steps", "3", "--num", "12", "--batch_size", "5",
             "--ig.scale", "1.5", "--ig.interval", "[0.3,1]", "--cfg.scale", "2", "--cfg.interval", "[0,0.7]",
             "--labels", "balanced", "--out", str(out)]
     assert main(args[:-2] + ["--num", "20", "--out", str(out)]) == 0

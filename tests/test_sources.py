@@ -75,7 +75,7 @@ def test_corrupt_images_are_reported_counted_and_skipped(image_folder, tmp_path,
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="skipped unreadable image .*(garbage|truncated).JPEG") as caught:
         assert data_main(["build", f"imagefolder:{image_folder}", str(out), "--resolution", "16",
-                          "--val-fraction", "0.3", "--no-progress"]) == 0
+                          "--val_fraction", "0.3", "--no_progress"]) == 0
     warned = {w for w in (str(c.message) for c in caught) if "skipped unreadable image" in w}
     assert len(warned) == 2
     meta = load_meta(out)

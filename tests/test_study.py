@@ -36,16 +36,27 @@ def _study(tmp_path: Path, digits_root: Path, **changes) -> Path:
 
 
 @pytest.mark.slow
-def test_a_two_arm_study_reports_what_mlflow_recorded_and_resumes_without_redoing(tmp_path, digits_root):
+def test_a_two_arm_study_reports_what_mlflow_recorded_and_resumes_without_redoing(tmp_path, digits_root, capsys):
+    import sys
+
     path = _study(tmp_path, digits_root)
-    report = run_study(StudySpec.load(str(path)))
+    report = run_study(StudySpec.load(str(path)), out=sys.stdout)
     text = report.read_text()
+    said = capsys.readouterr().out
+    # progress: each run's steps with an ETA, the evaluations counted against the plan
+    assert re.search(r"^plain seed 0: step 10/20 \(50%\), [\dhms]+, ETA [\dhms]+", said, re.M), said
+    planned = int(re.search(r"^evaluating: (\d+) evaluation\(s\) to compute: ", said, re.M).group(1))
+    assert planned >= 1 and len(re.findall(rf"^  evaluation \d+/{planned}: \S", said, re.M)) == planned, said
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("igdit-reproduction").experiment_id
     (parent,) = client.search_runs([experiment], filter_string="tags.`igdit.role` = 'study'")
     children = client.search_runs([experiment], filter_string="tags.`igdit.role` = 'training'")
     assert {r.data.tags["igdit.arm"] for r in children} == {"plain", "ig_head"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
+               for r in children)
+    for run in [parent, *children]:  # provenance on the parent and on every training run
+        assert run.data.tags["versions.igdit"] and run.data.tags["versions.torch"]
+    assert all(r.data.params["trainer/max_steps"] == "20" and r.data.params["seed_everything"] == "0"
                for r in children)
     # claim 1's table holds the FD the runs' FIDCallback logged at their last step
     for child in children:

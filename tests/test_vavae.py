@@ -99,8 +99,8 @@ def test_latents_stats_normaliser_is_the_official_one(tmp_path):
         assert torch.allclose(norm.normalize(z), (z - mean) / std * multiplier, atol=1e-5)
         assert torch.allclose(norm.denormalize(norm.normalize(z)), z, atol=1e-5)
     torch.save({"mean": mean}, tmp_path / "bad.pt")
-    for path, match in [(tmp_path / "nope.pt", r"^--latent-stats: .*no such file"),
-                        (tmp_path / "bad.pt", r"^--latent-stats: .*'mean' and 'std'")]:
+    for path, match in [(tmp_path / "nope.pt", r"^--latent_stats: .*no such file"),
+                        (tmp_path / "bad.pt", r"^--latent_stats: .*'mean' and 'std'")]:
         with pytest.raises(ConfigError, match=match):
             load_latent_stats(str(path))
 

@@ -7,10 +7,11 @@ streaming SD-VAE-shaped latents (4x32x32 float16) >= 20x what SiT-XL/2 training 
 encoder's images/s for `igdit data build`; each loss term's step time and FLOPs against the plain diffusion
 loss, and what its extra networks cost at paper scale (``igdit.bench.terms``); LightningDiT + IG sampling and
 posterior-shard streaming (``igdit.bench.lightningdit``; XL/1 timings need a GPU); and, not a timing, how far float16
-moves stored posterior means against the posterior's std (``moments_rounding_error``).
+moves stored posterior means against the posterior's std (``moments_rounding_error``); how long `igdit --help` and
+a subcommand's `--help` take in a fresh process (``help_start_times``; target: under 2 s on an idle machine).
 Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
-the median of per-round ratios. `--only data|terms|lightningdit|moments|gpu` runs one part alone and replaces its
-sections in the report, keeping the other sections' numbers; `--gpu` (``make bench-gpu``) is `--only gpu`:
+the median of per-round ratios. `--only data|terms|st|lightningdit|moments|cli|gpu` runs one part alone and replaces
+its sections in the report, keeping the other sections' numbers; `--gpu` (``make bench-gpu``) is `--only gpu`:
 paper-scale training, sampling, FID during training and data streaming on one accelerator (``igdit.bench.gpu``).
 """
 from __future__ import annotations
@@ -440,7 +441,7 @@ def moments_section(result: dict) -> list[str]:
     lines = ["## Posterior moments: float16 vs float32\n",
              "`python -m igdit.bench --only moments` (`igdit.bench.core.moments_rounding_error`; deterministic, no timing). "
              "What storing a posterior's normalised mean m in float16 or float32 (`igdit data build --latent posterior "
-             "--moments-dtype`) costs against the posterior's std s: |round(m) - m| / s over every element of the "
+             "--moments_dtype`) costs against the posterior's std s: |round(m) - m| / s over every element of the "
              "digits' identity-encoder latents, computed in float32 as the build computes them, with a synthetic s "
              "(the same everywhere) at each level. No SD-VAE weights here, so its real posterior std is not measured. "
              "The default digits build's 17 grey levels 2v/255 - 1 (v integer) happen to lie next to float16 "
@@ -469,6 +470,50 @@ def moments_section(result: dict) -> list[str]:
                  f", and SD-VAE's s cannot be measured here; the price is {sizes['float32']:,} instead of "
                  f"{sizes['float16']:,} bytes per 4x32x32 posterior sample.\n")
     return lines
+
+
+HELP_COMMANDS = (("igdit --help", ["--help"], False), ("igdit sample --help", ["sample", "--help"], False),
+                 ("igdit fit --help", ["fit", "--help"], False), ("igdit fit --help", ["fit", "--help"], True))
+
+
+def help_start_times(rounds: int = 3) -> dict:
+    """Wall and CPU seconds (median over ``rounds``) of `igdit --help`, `igdit sample --help` and `igdit fit --help`
+    in fresh processes, the help page cache empty (what a first call costs) and, for fit, filled (every later one).
+    CPU seconds (user + system of the child) are what the wall time would be on an idle machine."""
+    rows, load = {}, os.getloadavg()[0]
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="igdit-help-") as cache:
+            env = dict(os.environ, XDG_CACHE_HOME=cache, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+            for label, argv, cached in HELP_COMMANDS:
+                if cached:  # fill the cache first, untimed
+                    subprocess.run([sys.executable, "-m", "igdit", *argv], env=env, capture_output=True, check=True)
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "igdit", *argv], env=env, capture_output=True, check=True)
+                wall = time.perf_counter() - start
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                row = rows.setdefault((label, cached), {"wall": [], "cpu": []})
+                row["wall"].append(wall)
+                row["cpu"].append(cpu)
+    return {"rounds": rounds, "load_before": load, "date": time.strftime("%Y-%m-%d"),
+            "rows": [{"command": label, "cache": "filled" if cached else "empty",
+                      "wall_s": statistics.median(r["wall"]), "cpu_s": statistics.median(r["cpu"])}
+                     for (label, cached), r in rows.items()]}
+
+
+def help_section(result: dict) -> list[str]:
+    lines = ["## Command-line start (target: `igdit --help` and a subcommand's `--help` under 2 s on an idle "
+             "machine)\n",
+             f"Measured {result['date']} by `python -m igdit.bench --only cli` (load average "
+             f"{result['load_before']:.1f} before). A fresh `python -m igdit ...` process per call, median of "
+             f"{result['rounds']} rounds (`igdit.bench.core.help_start_times`). CPU seconds (user + system) stand "
+             "for the wall time on an idle machine. `fit` needs Lightning to build its parser (its Trainer's "
+             "options are the help), so its page is kept after the first call, keyed by igdit's source files and "
+             "the libraries' versions (`igdit.commands.helpcache`).\n",
+             "| command | help page cache | wall (s) | CPU (s) |", "|---|---|---|---|"]
+    lines += [f"| `{r['command']}` | {r['cache']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} |" for r in result["rows"]]
+    return lines + [""]
 
 
 def _merge_sections(report: str, sections: list[str]) -> str:
@@ -507,6 +552,10 @@ def _moments_part(args) -> list[str]:
     return moments_section(moments_rounding_error())
 
 
+def _cli_part(args) -> list[str]:
+    return help_section(help_start_times())
+
+
 def _lightningdit_part(args) -> list[str]:
     """XL/1 with the published 124 Heun steps on a GPU; on a CPU a smaller model and schedule, said so."""
     from igdit.bench import lightningdit as bench_ldit
@@ -537,10 +586,10 @@ def _gpu_part(args) -> list[str]:
 
 
 PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part, "moments": _moments_part,
-         "st": _st_part, "gpu": _gpu_part}
-# moments, gpu: no note of date and load; each section names its command and machine itself
+         "st": _st_part, "cli": _cli_part, "gpu": _gpu_part}
+# moments, cli, gpu: no note of date and load; each section names its command and machine itself
 PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT", "moments": None,
-               "st": "Self-Transcendence teacher", "gpu": None}
+               "st": "Self-Transcendence teacher", "cli": None, "gpu": None}
 
 
 def _check_gpu_args(args) -> Optional[str]:
@@ -575,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="one part (data: streaming and encoders; terms: the loss terms' cost; lightningdit: "
                              "LightningDiT sampling and posterior streaming; moments: float16 vs float32 posterior "
                              "moments; st: Self-Transcendence's teacher under both t-range semantics and "
-                             "precisions; gpu: the GPU benchmark), merged into the existing report")
+                             "precisions; cli: `--help` start times; gpu: the GPU benchmark), merged into the existing report")
     parser.add_argument("--device", default=None,
                         help="where LightningDiT sampling (and --gpu) is timed (default: cuda if any)")
     parser.add_argument("--gpu", action="store_true",
@@ -666,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
               for m in memory]
     lines += [""]
     lines += data + PARTS["terms"](args) + PARTS["st"](args) + PARTS["lightningdit"](args) + PARTS["moments"](args)
+    lines += PARTS["cli"](args)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({"exit_head": overhead, "sampling": sampling, "default_run": run, "fid_memory": memory,

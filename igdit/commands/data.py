@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-from jsonargparse import ActionConfigFile
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
+from igdit.commands.common import add_config_option, refuse_misplaced_files, underscore_options
 from igdit.config import config_parser
 from igdit.data.encoders import ENCODERS, LATENT_MODES, hf_cache_dir
 from igdit.data.shards import (DEFAULT_MOMENTS_DTYPE, DEFAULT_SAMPLES_PER_SHARD, META_FILE, MOMENTS_DTYPES, NORMALIZERS,
@@ -26,20 +26,20 @@ def _parser():
                     "share of the shards on its own GPU; rank 0 writes meta.json.\n\n"
                     "  igdit data build digits data/digits\n"
                     "  igdit data build imagefolder:/datasets/imagenet/train data/imagenet256 --encoder sd-vae-ft-ema \\\n"
-                    "      --resolution 256 --flip --samples-per-shard 2500 --val-fraction 0.001 --latent posterior")
-    build.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+                    "      --resolution 256 --flip --samples_per_shard 2500 --val_fraction 0.001 --latent posterior")
+    add_config_option(build)
     build.add_argument("source", type=str, help=f"image source: {', '.join(SOURCES)} (imagefolder:<dir>, one sub-folder per class)")
     build.add_argument("out_dir", type=str, help="folder for the shards, e.g. data/digits")
     build.add_argument("--encoder", type=str, default="identity",
                        help=f"latent encoder: {', '.join(ENCODERS)} or diffusers:<folder or hub id> (default identity)")
-    build.add_argument("--vae-path", type=Optional[str], default=None,
+    build.add_argument("--vae_path", type=Optional[str], default=None,
                        help="local folder with the VAE weights (save_pretrained layout); default: the Hugging Face "
                             f"cache ({hf_cache_dir()}); nothing is downloaded")
     build.add_argument("--latent", type=Optional[str], default=None,
                        help=f"VAEs, one of {', '.join(LATENT_MODES)}: store a posterior sample (default; seeded "
-                            "per image), the posterior mean, or the posterior's mean and std (--moments-dtype) so "
+                            "per image), the posterior mean, or the posterior's mean and std (--moments_dtype) so "
                             "that training draws a fresh latent every time it reads a sample")
-    build.add_argument("--moments-dtype", type=Optional[Literal[MOMENTS_DTYPES]], default=None,
+    build.add_argument("--moments_dtype", type=Optional[Literal[MOMENTS_DTYPES]], default=None,
                        help=f"--latent posterior: dtype of the stored mean and std, one of {', '.join(MOMENTS_DTYPES)} "
                             f"(default {DEFAULT_MOMENTS_DTYPE}: float16 rounds the mean by up to 2^-11 of its size, "
                             "which on unit-scale latents is up to 0.98 of a posterior std of 1e-3 and 0.098 of one of "
@@ -47,34 +47,35 @@ def _parser():
                             "is exact and takes 1.8x the bytes). Other latents are stored in float16")
     build.add_argument("--normalizer", type=str, default="encoder",
                        help=f"one of {', '.join(NORMALIZERS)}: the encoder's own scaling (0.18215 for SD-VAE; "
-                            "default) or per-channel mean/std of --stats-images training latents")
-    build.add_argument("--stats-images", type=PositiveInt, default=10_000,
+                            "default) or per-channel mean/std of --stats_images training latents")
+    build.add_argument("--stats_images", type=PositiveInt, default=10_000,
                        help="images the channel statistics are measured on (default 10000)")
     build.add_argument("--resolution", type=Optional[PositiveInt], default=None,
                        help="imagefolder: ADM centre-crop size (required, 256 for ImageNet 256x256); digits: upsample "
                             "to NxN (bilinear) before encoding; default: keep the source size")
     build.add_argument("--flip", action="store_true",
                        help="also write a horizontally flipped copy of every training image (key <row>-flip)")
-    build.add_argument("--samples-per-shard", type=Optional[PositiveInt], default=None,
+    build.add_argument("--samples_per_shard", type=Optional[PositiveInt], default=None,
                        help=f"samples per .tar shard (default {DEFAULT_SAMPLES_PER_SHARD}); see the shard-count rule in "
                             "the README: several shards per GPU x data worker")
-    build.add_argument("--shard-size-mb", type=Optional[PositiveFloat], default=None,
-                       help="shard size in MiB instead of --samples-per-shard (4x32x32 latents: 10 KiB per sample; "
+    build.add_argument("--shard_size_mb", type=Optional[PositiveFloat], default=None,
+                       help="shard size in MiB instead of --samples_per_shard (4x32x32 latents: 10 KiB per sample; "
                             "posteriors: 19 KiB in float16, 35 KiB in float32)")
-    build.add_argument("--val-fraction", type=float, default=0.1,
+    build.add_argument("--val_fraction", type=float, default=0.1,
                        help="share of each class held out for validation (default 0.1)")
     build.add_argument("--seed", type=NonNegativeInt, default=0, help="seed of the train/val split and posterior samples (default 0)")
     build.add_argument("--resume", action="store_true",
                        help="continue an unfinished build in out_dir (same arguments): finished shards are kept, "
                             "a half-written one is redone")
-    build.add_argument("--batch-size", type=PositiveInt, default=64, help="images per encoder call (default 64)")
+    build.add_argument("--batch_size", type=PositiveInt, default=64, help="images per encoder call (default 64)")
     build.add_argument("--workers", type=Optional[NonNegativeInt], default=None,
                        help="processes decoding image files (default min(8, cores) for files, 0 for digits)")
     build.add_argument("--device", type=Optional[str], default=None, help="encoder device (default cuda:LOCAL_RANK if available, else cpu)")
-    build.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    build.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     commands.add_subcommand("build", build, help="encode a source into train/val WebDataset shards plus meta.json")
     verify = config_parser(description="Check a built folder: every shard meta.json lists is there and holds the "
                                        "bytes the build wrote (sha256).")
+    add_config_option(verify)
     verify.add_argument("root", type=str, help="the built folder, e.g. data/digits")
     commands.add_subcommand("verify", verify, help="check every shard against the checksums in meta.json")
     return parser
@@ -99,14 +100,18 @@ def _summary(meta: dict, out_dir: str, seconds: float) -> str:
         lines.append(f"  skipped {skipped} unreadable image(s), e.g. {first['image']} ({first['error']}); "
                      "all are listed in meta.json")
     lines.append(f"  meta   {Path(out_dir) / META_FILE}")
-    lines.append(f"train on it with --data.root {out_dir} (model.input_size {h}, model.in_channels {c}, "
-                 f"model.num_classes {meta['num_classes']})")
+    backbone = "--model.backbone.init_args"
+    lines.append(f"train on it with --data.root {out_dir} {backbone}.input_size {h} {backbone}.in_channels {c} "
+                 f"{backbone}.num_classes {meta['num_classes']}")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     """Run `igdit data ...`; returns the exit code (bad values raise ConfigError: the dispatcher prints one line)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = underscore_options(list(argv), parser, "data")
+    refuse_misplaced_files(argv, "data")
+    args = parser.parse_args(argv)
     if args.command == "verify":
         problems = verify_shards(args.verify.root)
         for problem in problems:

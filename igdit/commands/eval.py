@@ -11,27 +11,19 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-import numpy as np
-import torch
-from tqdm import tqdm
-from jsonargparse import ActionConfigFile
 from jsonargparse.typing import PositiveInt
 
-from igdit.callbacks import FIDCallback
-from igdit.checkpoints import read_checkpoint
+from igdit.commands.common import add_config_option, refuse_misplaced_files, underscore_options
 from igdit.config import ConfigError, config_parser
-from igdit.data import LatentDataModule
-from igdit.experiment import run_lightning_cli
-from igdit.metrics.evaluate import FrechetEvaluator
-from igdit.metrics.fid import ReferenceStats, warn_if_singular
 
 
 def build_parser():
     parser = config_parser(prog="igdit eval", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    add_config_option(parser)
     parser.add_argument("--ckpt", type=Optional[str], default=None,
                         help="igdit checkpoint to evaluate with the experiment's FIDCallback")
     parser.add_argument("--experiment", type=Optional[str], default=None,
@@ -42,14 +34,17 @@ def build_parser():
     parser.add_argument("--split", type=Literal["train", "val"], default="train", help="split of a data folder --ref")
     parser.add_argument("--feature", type=Optional[Literal["digits", "inception"]], default=None,
                         help="feature network (default: digits for an identity-encoded data folder, else inception)")
-    parser.add_argument("--inception-weights", type=Optional[str], default=None,
+    parser.add_argument("--inception_weights", type=Optional[str], default=None,
                         help="FID-Inception weights file (default: torch.hub cache)")
-    parser.add_argument("--batch-size", type=PositiveInt, default=250)
+    parser.add_argument("--batch_size", type=PositiveInt, default=250, help="images per feature-network batch")
     return parser
 
 
-def load_sample_file(path: str, field: str = "--npz") -> torch.Tensor:
-    """An ADM-layout sample file -> uint8 (N, 3, H, W)."""
+def load_sample_file(path: str, field: str = "--npz"):
+    """An ADM-layout sample file -> uint8 tensor (N, 3, H, W)."""
+    import numpy as np
+    import torch
+
     if not Path(path).is_file():
         raise ConfigError(field, path, "is not a file; pass a sample .npz written by `igdit sample`")
     try:
@@ -65,6 +60,12 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
                       inception_weights: Optional[str] = None, batch_size: int = 250) -> dict:
     """Fréchet distance (and IS on Inception) of a sample file against a data folder's split or a stats file.
     Returns the evaluator's result plus "metric" (fd_digits or fid)."""
+    from tqdm import tqdm
+
+    from igdit.data import LatentDataModule
+    from igdit.metrics.evaluate import FrechetEvaluator
+    from igdit.metrics.fid import ReferenceStats, warn_if_singular
+
     images = load_sample_file(npz)
     if ref is None:
         raise ConfigError("--ref", ref, "pass a data folder or a reference .npz with mu and sigma")
@@ -72,7 +73,7 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
     if feature is None:  # pixel-space data (the digits) has its own feature network; image data sets use Inception
         feature = "digits" if datamodule is not None and datamodule.meta["encoder"]["name"] == "identity" else "inception"
     evaluator = FrechetEvaluator(feature, datamodule, inception_weights, field="--feature",
-                                 weights_field="--inception-weights")
+                                 weights_field="--inception_weights")
     warn_if_singular(len(images), evaluator.num_features, "--npz")
     if datamodule is not None:
         evaluator.reference_from_data(datamodule, split, batch_size)
@@ -83,22 +84,53 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
 
 
 def evaluate_checkpoint(ckpt: str, experiment: Optional[str], overrides: Sequence[str]) -> dict[str, dict]:
-    """`igdit validate --config <experiment> --ckpt_path <ckpt>` with the experiment's FIDCallback; its results."""
-    read_checkpoint(ckpt)  # one-line errors for what is not a safe igdit checkpoint, before anything is built
+    """`igdit validate --config <experiment> --ckpt_path <ckpt>` with the experiment's FIDCallback; its results.
+
+    The MLflow run is named ``eval-step<N>-<checkpoint>`` and tagged as an evaluation with the checkpoint's path,
+    sha256, step and training run; its metrics and grids are logged at the checkpoint's step."""
+    import hashlib
+
+    from igdit.callbacks import FIDCallback
+    from igdit.checkpoints import read_checkpoint
+    from igdit.experiment import run_lightning_cli
+    from igdit.tracking import MLflowLogger
+
+    checkpoint = read_checkpoint(ckpt)  # one-line errors for what is not a safe igdit checkpoint, before anything
     if experiment is None:
         raise ConfigError("--experiment", experiment, "pass the experiment YAML whose FIDCallback defines the evaluation")
     cli = run_lightning_cli(["--config", experiment, *overrides], run=False)
     callback = next((cb for cb in cli.trainer.callbacks if isinstance(cb, FIDCallback)), None)
     if callback is None:
         raise ConfigError("--experiment", experiment, "has no igdit.callbacks.FIDCallback in trainer.callbacks")
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
+    logger = cli.trainer.logger
+    if isinstance(logger, MLflowLogger):
+        digest = hashlib.sha256()
+        with open(ckpt, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        step = int(checkpoint.get("global_step", 0))
+        trained_in = (checkpoint.get("igdit_run") or {}).get("run_id")
+        logger.name_run(f"eval-step{step}-{Path(ckpt).stem}", {
+            "igdit.role": "evaluation", "igdit.checkpoint.path": str(Path(ckpt).resolve()),
+            "igdit.checkpoint.sha256": digest.hexdigest(), "igdit.checkpoint.step": step,
+            **({"igdit.checkpoint.run_id": trained_in} if trained_in else {}),
+            "mlflow.note.content": f"`igdit eval` of {Path(ckpt).resolve()} (step {step})"
+                                   + (f", trained in run {trained_in}" if trained_in else "")})
+    with warnings.catch_warnings():
+        # the experiment's ModelCheckpoints restore their state from the checkpoint and say that the run folder
+        # changed; an evaluation saves no checkpoint
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
     return {f"{callback.metric_name}/{name}": result for name, result in callback.last_results.items()}
 
 
 def main(argv: Sequence[str]) -> int:
-    argv = list(argv)
+    parser = build_parser()
+    argv = underscore_options(list(argv), parser, "eval")
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    refuse_misplaced_files(options, "eval", experiment_option="--experiment")
+    args = parser.parse_args(options)
     if args.npz is not None:
         if overrides or args.ckpt:
             raise ConfigError("igdit eval", " ".join(overrides) or args.ckpt, "--npz scores a sample file; "

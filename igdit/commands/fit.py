@@ -29,6 +29,7 @@ import yaml
 from jsonargparse.typing import import_object
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from igdit.commands.common import FILE_KINDS, config_files, yaml_kind
 from igdit.config import ConfigError, build, one_line
 from igdit.data import LatentDataModule
 from igdit.experiment import experiment_config, run_lightning_cli
@@ -63,12 +64,15 @@ class LoadedStage(NamedTuple):
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Every --config names a YAML mapping (jsonargparse says only "Unexpected config" for an empty file)."""
-    for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg[len("--config="):] \
-            if arg.startswith("--config=") else None
-        if path is None or not Path(path).is_file():
+    """Every --config names an experiment or a chain: a YAML mapping (jsonargparse says only "Unexpected config"
+    for an empty file), not a sweep or study file (which name the command that runs them)."""
+    for path in config_files(argv):
+        if not Path(path).is_file():
             continue
+        kind = yaml_kind(path)
+        if kind in ("sweep", "study"):
+            raise ConfigError("--config", path, f"this is {FILE_KINDS[kind]}; -c/--config of `igdit fit` takes "
+                                                "an experiment YAML such as experiments/default.yaml")
         try:
             content = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
@@ -89,7 +93,7 @@ def main(argv: list[str] | None) -> int:
     if args[0] != "fit":
         raise ConfigError("--config", chain_file, f"is a chain of stages, which only `igdit fit` runs; "
                                                   f"`igdit {args[0]}` takes one of its stage experiments")
-    common = [a for a in args[1:] if a != chain_file and not a.startswith("--config")]
+    common = [a for a in args[1:] if a != chain_file and a not in ("-c", "--config") and not a.startswith("--config=")]
     printing = [a for a in common if a.startswith("--print_config")]
     common = [a for a in common if not a.startswith("--print_config")]
     stages = load_chain(chain_file, common, build_stages=not printing)  # printing needs no data, as for one experiment
@@ -113,8 +117,7 @@ def print_chain(stages: list[LoadedStage]) -> None:
 
 def _chain_file(args: list[str]) -> Optional[str]:
     """The --config file if it is a chain (a YAML mapping with ``stages``); a chain must be the only --config."""
-    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    configs = config_files(args)
     chains = [c for c in configs if _is_chain(c)]
     if chains and len(configs) > 1:
         raise ConfigError("--config", chains[0], "a chain of stages is the only --config of its command")

@@ -3,11 +3,11 @@ checkpoint that `igdit sample` and `igdit eval` use like a trained one.
 
     igdit import-ckpt --from official-sit SiT-XL-2-IG.pt --vae sd-vae-ft-ema --out sit_xl2_ig.ckpt
     igdit import-ckpt --from official-lightningdit ldit-xl1-ig.pt --vae vavae-f16d32:<checkpoint> \\
-        --latent-stats latents_stats.pt --out ldit_ig.ckpt
+        --latent_stats latents_stats.pt --out ldit_ig.ckpt
 
 The model, its exit block and sizes come from the checkpoint (its args/config, else its shapes, else the
 paper's: SiT-XL/2 or LightningDiT-XL/1 with the exit head after block 8); --model and --exit override them.
-The decoder (--vae) and the latent normalisation (--latent-stats) default to the paper's for each format
+The decoder (--vae) and the latent normalisation (--latent_stats) default to the paper's for each format
 (SD-VAE ft-EMA with its 0.18215; VA-VAE f16d32 with its latents_stats.pt), read from local paths or the
 Hugging Face cache only.
 """
@@ -15,17 +15,16 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence, Union
 
-import torch
-from jsonargparse import ActionConfigFile
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
+from igdit.commands.common import add_config_option, refuse_misplaced_files, underscore_options
 from igdit.config import ConfigError, config_parser
 from igdit.official import FORMATS, IMPORT_STAGES, WEIGHTS, import_official
 
 
 def build_parser():
     parser = config_parser(prog="igdit import-ckpt", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    add_config_option(parser)
     parser.add_argument("--from", dest="format", type=str, required=True, help="the checkpoint's format: "
                         + ", ".join(FORMATS))
     parser.add_argument("file", type=str, help="the checkpoint to import")
@@ -39,27 +38,31 @@ def build_parser():
                         help="decoder: sd-vae-ft-ema, vavae-f16d32[:<checkpoint>], ldm-vae:<checkpoint>, "
                              "diffusers:<folder> (default: the format's: "
                              + ", ".join(f"{k} {f.vae}" for k, f in FORMATS.items()) + ")")
-    parser.add_argument("--latent-stats", type=Optional[str], default=None,
+    parser.add_argument("--latent_stats", type=Optional[str], default=None,
                         help="latents_stats.pt (per-channel mean and std) to normalise latents with (default: "
                              "LightningDiT: VA-VAE's from the Hugging Face cache; SiT: the VAE's 0.18215)")
-    parser.add_argument("--latent-multiplier", type=Optional[PositiveFloat], default=None,
+    parser.add_argument("--latent_multiplier", type=Optional[PositiveFloat], default=None,
                         help="LightningDiT's latent_multiplier (default: the checkpoint config's, else 1.0)")
     parser.add_argument("--resolution", type=Optional[PositiveInt], default=None,
                         help="training image side (default: the checkpoint's, else 256)")
     parser.add_argument("--weights", type=Literal[WEIGHTS], default="ema", help="which weights of a training checkpoint")
-    parser.add_argument("--input-size", type=Optional[PositiveInt], default=None, help="latent side (default: from the shapes)")
-    parser.add_argument("--in-channels", type=Optional[PositiveInt], default=None,
+    parser.add_argument("--input_size", type=Optional[PositiveInt], default=None, help="latent side (default: from the shapes)")
+    parser.add_argument("--in_channels", type=Optional[PositiveInt], default=None,
                         help="latent channels (default: from the shapes)")
-    parser.add_argument("--num-classes", type=Optional[PositiveInt], default=None, help="classes (default: from the shapes)")
+    parser.add_argument("--num_classes", type=Optional[PositiveInt], default=None, help="classes (default: from the shapes)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
     """`igdit import-ckpt ...`: 0 on success; a bad value raises ConfigError (one line from the dispatcher)."""
+    parser = build_parser()
+    argv = underscore_options(list(argv), parser, "import-ckpt")
+    refuse_misplaced_files(argv, "import-ckpt")
+    args = parser.parse_args(argv)
+    import torch
     from tqdm import tqdm
 
-    args = build_parser().parse_args(list(argv))
     fmt, source = args.format, args.file
     if fmt not in FORMATS:
         raise ConfigError("--from", fmt, "choose " + ", ".join(repr(f) for f in FORMATS))

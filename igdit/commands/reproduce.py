@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from jsonargparse import ActionConfigFile
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from igdit.commands.common import add_config_option, check_positional_file, refuse_misplaced_files, underscore_options
 from igdit.config import config_parser
-from igdit.study.runner import Study, run_study
-from igdit.study.spec import StudySpec
 
 
 def build_parser():
     parser = config_parser(prog="igdit reproduce", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    add_config_option(parser)
     parser.add_argument("study", type=str, help="study definition, e.g. experiments/studies/reproduce.yaml")
     parser.add_argument("--quick", action="store_true", help="the study's quick variant")
     parser.add_argument("--seeds", type=Optional[list[int]], default=None,
@@ -41,7 +39,13 @@ def build_parser():
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = underscore_options(list(argv), parser, "reproduce")
+    refuse_misplaced_files(argv, "reproduce", positional=("study", "study"))
+    args = parser.parse_args(argv)
+    check_positional_file(args.study, "study", "reproduce", "study")
+    from igdit.study.runner import Study, run_study  # torch, Lightning, MLflow: not for --help
+    from igdit.study.spec import StudySpec
     spec = StudySpec.load(args.study, quick=args.quick, seeds=args.seeds)
     if args.worker is not None:
         Study(spec).train_claimed(args.worker)

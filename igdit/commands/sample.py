@@ -19,24 +19,21 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, Namespace
+import yaml
+from jsonargparse import Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from igdit.checkpoints import load_module, model_config, read_checkpoint
+from igdit.commands.common import add_config_option, refuse_misplaced_files, underscore_options
 from igdit.config import ConfigError, config_parser
-from igdit.experiment import parse_experiment
-from igdit.generation import Sampling, class_labels, generate, rank_indices
-from igdit.guidance import RULES, build_rules
-from igdit.guidance.base import rule_class
-from igdit.images import save_grid
-from igdit.presets import PRESETS, get_preset
+from igdit.generation import Sampling
+from igdit.guidance import RULES
+from igdit.presets import PRESETS
 
 
 def build_parser():
     parser = config_parser(prog="igdit sample", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    add_config_option(parser)
     parser.add_argument("--ckpt", type=str, required=True, help="igdit checkpoint (EMA weights in its state_dict)")
     parser.add_argument("--experiment", type=Optional[str], default=None,
                         help="the experiment YAML the checkpoint was trained with (optional; given, its model "
@@ -52,31 +49,54 @@ def build_parser():
                              "'{ig: {scale: 1.4}, mypackage.rules.MyRule: {scale: 2.0}}'; the fields it names win over "
                              "the per-rule flags and the preset")
     parser.add_argument("--num", type=PositiveInt, default=100, help="number of samples (the paper: 50000)")
-    parser.add_argument("--batch-size", type=PositiveInt, default=100, help="samples per batch and rank")
+    parser.add_argument("--batch_size", type=PositiveInt, default=100, help="samples per batch and rank")
     parser.add_argument("--labels", type=Literal["random", "balanced"], default="random",
                         help="random or balanced (the 1.19 vs 1.07 FID of the paper)")
     parser.add_argument("--seed", type=NonNegativeInt, default=0)
     parser.add_argument("--out", type=str, default="samples", help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace samples.npz/samples.png in --out")
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=Optional[str], default=None, help="default: cuda if available, else cpu")
     return parser
 
 
+def named_preset(argv: list[str]) -> Optional[str]:
+    """The preset ``argv`` names (``--preset x``, ``--preset=x``, or ``preset:`` in a -c/--config file; the last
+    one given wins, as when parsing), read before parsing so that its values are in place for --print_config."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv) or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1]
+            try:
+                found = (yaml.safe_load(Path(path).read_text()) or {}).get("preset", found)
+            except (OSError, yaml.YAMLError, AttributeError):
+                pass  # the parser reports the file
+        elif arg == "--preset" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--preset="):
+            found = arg.split("=", 1)[1]
+    return found if found in PRESETS else None  # an unknown name: the parser's one-line error
+
+
 def parse(argv: list[str]) -> Namespace:
-    """Parse twice when a preset is named: its values become the defaults that the given options override."""
+    """A named preset's values become the defaults that the given options override (and that --print_config
+    prints)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset:
-        preset = PRESETS[args.preset]
+    argv = underscore_options(list(argv), parser, "sample")
+    refuse_misplaced_files(argv, "sample", experiment_option="--experiment")
+    preset = named_preset(argv)
+    if preset is not None:
+        preset = PRESETS[preset]
         defaults = {f"{key}.{name}": value for key, fields in preset.guidance.items() for name, value in fields.items()}
         defaults |= {k: v for k, v in vars(preset.sampling).items()} | {"labels": preset.labels}
         parser.set_defaults(defaults)
-        args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def check_experiment(experiment: str, hparams: dict) -> None:
     """One-line ConfigError when the experiment's model section disagrees with the checkpoint's model."""
+    from igdit.checkpoints import model_config
+    from igdit.experiment import parse_experiment
+
     if not Path(experiment).is_file():
         raise ConfigError("--experiment", experiment, "is not a file; pass the experiment YAML, e.g. "
                                                       "experiments/default.yaml")
@@ -93,6 +113,15 @@ def check_experiment(experiment: str, hparams: dict) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    import numpy as np  # what sampling needs, imported once the options are parsed (not for --help)
+
+    from igdit.checkpoints import load_module, read_checkpoint
+    from igdit.generation import class_labels, generate, rank_indices
+    from igdit.guidance import build_rules
+    from igdit.guidance.base import rule_class
+    from igdit.images import save_grid
+    from igdit.presets import get_preset
+
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # Everything is checked before a single sample is drawn.
     sampling = Sampling.checked("--", **{k: args[k] for k in vars(Sampling()).keys()})
@@ -113,7 +142,7 @@ def main(argv: list[str]) -> int:
     rules = build_rules(spec, "guidance")
     if args.experiment is not None:
         check_experiment(args.experiment, read_checkpoint(args.ckpt)["hyper_parameters"])
-    device = args.device
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
@@ -154,8 +183,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def merge_parts(out: Path, world: int, num: int) -> np.ndarray:
-    """Merge part-*-of-<world>.npz into one (num, H, W, 3) array in sample-index order, then remove the parts."""
+def merge_parts(out: Path, world: int, num: int):
+    """Merge part-*-of-<world>.npz into one (num, H, W, 3) uint8 array in sample-index order, then remove the parts."""
+    import numpy as np
+
     parts = [out / f"part-{r:05d}-of-{world:05d}.npz" for r in range(world)]
     loaded = [np.load(p) for p in parts]
     indices = np.concatenate([p["indices"] for p in loaded])

@@ -50,19 +50,22 @@ def split_images(datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_classifier(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int,
-                     batch_size: int, lr: float, weight_decay: float = 1e-4) -> torch.nn.Module:
+                     batch_size: int, lr: float, weight_decay: float = 1e-4, progress: bool = False,
+                     desc: str = "training") -> torch.nn.Module:
     """Train a small network (``net.body`` then ``net.head``) as a classifier on images (N, C, H, W) in [-1, 1] with
     labels (N,): AdamW with a one-cycle schedule, each batch shifted by up to one pixel (padding with -1, the
     background, and cropping back) because the data sets it serves are small. Deterministic for a fixed ``seed``
     (its own generator; the global RNG is not touched). Returns ``net`` in eval mode, frozen. The fd_digits
-    metric network and REPA's digits encoder are both trained here."""
+    metric network and REPA's digits encoder are both trained here. progress: a bar over the epochs (``desc``)."""
+    from tqdm import tqdm
+
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     height, width = images.shape[-2:]
     net.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]

@@ -153,7 +153,7 @@ class PosteriorDraws(wds.PipelineStage):
 
 def _too_few_shards(num_shards: int, world_size: int, workers: int) -> str:
     return (f"holds {num_shards} train shard(s); {world_size} rank(s) x {workers} worker(s) each read their own "
-            f"shards and need at least {world_size * workers}; rebuild with a smaller --samples-per-shard "
+            f"shards and need at least {world_size * workers}; rebuild with a smaller --samples_per_shard "
             "or lower data.num_workers")
 
 

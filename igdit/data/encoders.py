@@ -97,7 +97,7 @@ class IdentityEncoder(LatentEncoder):
 
 LATENT_MODES = ("sample", "mean", "posterior")
 DIFFUSERS_PREFIX = "diffusers:"
-# Named VAEs: encoder name -> Hugging Face hub id (read from the local HF cache or --vae-path, never downloaded).
+# Named VAEs: encoder name -> Hugging Face hub id (read from the local HF cache or --vae_path, never downloaded).
 HUB_VAES = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
 _LOADED: dict[tuple[str, ...], tuple[object, str]] = {}  # (name, path) -> (AutoencoderKL, where it came from)
 
@@ -137,8 +137,8 @@ def _load_autoencoder(name: str, folder: Optional[str], hub_id: Optional[str]):
             continue
         _LOADED[key] = (vae.eval().requires_grad_(False), str(where))
         return _LOADED[key]
-    hint = (f"download it once with `huggingface-cli download {hub_id}` (or copy the folder) and set HF_HOME, "
-            "or pass --vae-path <folder>") if hub_id else "pass a folder holding config.json and the weights"
+    hint = (f"download it once with `hf download {hub_id}` (or copy the folder) and set HF_HOME, "
+            "or pass --vae_path <folder>") if hub_id else "pass a folder holding config.json and the weights"
     raise ConfigError("encoder", name, "no loadable AutoencoderKL weights; looked in " + "; then ".join(tried)
                       + f"; {hint}")
 
@@ -328,7 +328,7 @@ class VAVAE(LDMVAE):
         if found is None:
             raise ConfigError("encoder", self.name, f"no weights: looked for {VAVAE_HUB['weights']} of "
                               f"{VAVAE_HUB['repo']} in the Hugging Face cache {hf_cache_dir()}; pass "
-                              f"{self.name}:<checkpoint> (download it once with `huggingface-cli download "
+                              f"{self.name}:<checkpoint> (download it once with `hf download "
                               f"{VAVAE_HUB['repo']} {VAVAE_HUB['weights']}`)")
         return str(Path(found).resolve())
 
@@ -345,7 +345,7 @@ class VAVAE(LDMVAE):
         return load_latent_stats(found, field="normalizer")
 
 
-def load_latent_stats(path: str, multiplier: float = 1.0, field: str = "--latent-stats") -> "LatentNormalizer":
+def load_latent_stats(path: str, multiplier: float = 1.0, field: str = "--latent_stats") -> "LatentNormalizer":
     """LightningDiT's ``latents_stats.pt`` ({"mean", "std"}, each (1, c, 1, 1) or (c,)) as the normaliser
     x = (z - mean) / std * multiplier (``ImgLatentDataset``; inference decodes z = x std / multiplier + mean)."""
     import pickle

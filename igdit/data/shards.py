@@ -15,7 +15,7 @@ formats (meta.json ``latent_format``):
   * ``sample`` (the identity encoder, ``--latent sample`` or ``mean``, and every build before the key existed):
     ``latent.npy`` = (c, h, w) float16 normalised latent, one fixed draw of the VAE posterior (or its mean);
   * ``posterior`` (``--latent posterior``, VAEs only): ``mean.npy`` and ``std.npy`` = (c, h, w) float32 by default
-    (``--moments-dtype float16``: about half the bytes), the VAE posterior's mean and std carried through the normaliser
+    (``--moments_dtype float16``: about half the bytes), the VAE posterior's mean and std carried through the normaliser
     (mean' = (mean - shift) scale, std' = std |scale|), so that x = mean' + std' eps is a normalised posterior
     draw; the DataModule draws a fresh eps every time it reads the sample (SiT+IG's training draws from stored
     moments at every step).
@@ -247,18 +247,25 @@ def _sample_seed(seed: int, row: int, flipped: bool) -> int:
 
 
 def _fit_normalizer(method: str, encode: _Encoder, source: ImageSource, rows: Sequence[int], seed: int,
-                    workers: int) -> tuple[LatentNormalizer, dict]:
+                    workers: int, progress: bool = False) -> tuple[LatentNormalizer, dict]:
     """The normaliser the shards are written with, and how it was obtained (for meta.json)."""
     channels = encode.encoder.latent_shape(_image_shape(source, encode.side))[0]
     if method == "encoder":
         return encode.encoder.normalizer(channels), {"method": "encoder"}
-    images, used = [], []
-    for row, image, _ in _read(source, rows, workers):
-        if image is not None:
-            images.append(image)
-            used.append(row)
-    latents = torch.cat([encode(torch.stack(images[i:i + 256]), [_sample_seed(seed, r, False) for r in used[i:i + 256]])
-                         for i in range(0, len(images), 256)])
+    images, used, chunks = [], [], []
+    with tqdm(total=len(rows), desc="channel statistics", unit="image", disable=not progress) as bar:
+        for row, image, _ in _read(source, rows, workers):
+            if image is not None:
+                images.append(image)
+                used.append(row)
+            if len(images) == 256:  # encoded as they arrive: the bar moves with the encoder, not only the reader
+                chunks.append(encode(torch.stack(images), [_sample_seed(seed, r, False) for r in used[-256:]]))
+                images = []
+            bar.update(1)
+        if images:
+            chunks.append(encode(torch.stack(images), [_sample_seed(seed, r, False)
+                                                       for r in used[len(used) - len(images):]]))
+    latents = torch.cat(chunks)
     return LatentNormalizer.from_latents(latents), {"method": "channel-stats", "images": len(used),
                                                    "rule": "shift = per-channel mean, scale = 1 / per-channel std"}
 
@@ -328,7 +335,7 @@ def _check_device(device: str) -> None:
 def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, arrays: int = 1,
                                dtype: str = "float16") -> int:
     if samples_per_shard is not None and shard_size_mb is not None:
-        raise ConfigError("shard_size_mb", shard_size_mb, "give --samples-per-shard or --shard-size-mb, not both")
+        raise ConfigError("shard_size_mb", shard_size_mb, "give --samples_per_shard or --shard_size_mb, not both")
     if shard_size_mb is not None:
         check_number("shard_size_mb", shard_size_mb, low=0, low_inclusive=False)
         samples_per_shard = max(1, int(shard_size_mb * 2**20 // bytes_per_sample(latent_shape, arrays, dtype)))
@@ -441,7 +448,8 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                                       "listing or images changed); build into a new folder")
             else:
                 (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
-                norm, fit = _fit_normalizer(normalizer, encode, data, train_rows[:stats_images], seed, workers)
+                norm, fit = _fit_normalizer(normalizer, encode, data, train_rows[:stats_images], seed, workers,
+                                            progress)
                 plan = {"args": args, "fingerprint": data.fingerprint(), "normalizer": norm.to_dict(),
                         "normalizer_fit": fit, "num_shards": num_shards, "mtime": int(time.time())}
                 _write_json(plan_path, plan)

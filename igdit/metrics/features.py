@@ -79,18 +79,21 @@ class DigitsFeatureNet(nn.Module):
 
 def train_digits_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
                              val_labels: torch.Tensor, num_classes: int, epochs: int = 40, seed: int = 0,
-                             batch_size: int = 128, lr: float = 3e-3) -> tuple[DigitsFeatureNet, dict]:
+                             batch_size: int = 128, lr: float = 3e-3,
+                             progress: bool = False) -> tuple[DigitsFeatureNet, dict]:
     """Train the domain feature network on uint8 images (N, C, H, W) with labels (N,).
 
     Small random shifts (one pixel, by padding and cropping) keep it from memorising the 1.6k images.
     Returns (network in eval mode, {"train_accuracy", "val_accuracy", "epochs", ...}); the held-out
-    accuracy is stored with the cached network. Deterministic for a fixed seed.
+    accuracy is stored with the cached network. Deterministic for a fixed seed. ``progress``: a bar over the
+    epochs (half a minute on two CPU cores, once per data set).
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = DigitsFeatureNet(in_channels=train_images.shape[1], image_size=train_images.shape[-1],
                                num_classes=num_classes)
-    train_classifier(net, train_images.float() / 127.5 - 1.0, train_labels, epochs, seed, batch_size, lr)
+    train_classifier(net, train_images.float() / 127.5 - 1.0, train_labels, epochs, seed, batch_size, lr,
+                     progress=progress, desc="training the fd_digits feature network (once per data set)")
     with torch.no_grad():
         accuracy = {split: (net.logits(images).argmax(1) == labels).float().mean().item()
                     for split, images, labels in (("train", train_images, train_labels),
@@ -123,7 +126,10 @@ def digits_feature_net(datamodule, cache_dir: Path, fingerprint: str) -> DigitsF
     path = Path(cache_dir) / f"fd_digits-{fingerprint[:12]}.pt"
     if not path.is_file():
         (train_x, train_y), (val_x, val_y) = (split_images(datamodule, s) for s in ("train", "val"))
-        net, info = train_digits_feature_net(train_x, train_y, val_x, val_y, datamodule.num_classes)
+        from lightning_utilities.core.rank_zero import rank_zero_only  # the rank Lightning set, else the launcher's
+
+        net, info = train_digits_feature_net(train_x, train_y, val_x, val_y, datamodule.num_classes,
+                                             progress=getattr(rank_zero_only, "rank", 0) == 0)
         try:
             save_digits_feature_net(net, path, info | {"trained_on": "train split", "accuracy_on": "val split"})
         except FileExistsError:  # another rank or run wrote the same network meanwhile

@@ -136,7 +136,7 @@ class DINOv2Encoder(PatchEncoder):
         if found is None:
             url, hub_id = self.pretrained_cfg.get("url"), self.pretrained_cfg.get("hf_hub_id")
             fetch = [f"download {url} to {places[0]}"] if url else []
-            fetch += [f"run `huggingface-cli download {hub_id} model.safetensors`"] if hub_id else []
+            fetch += [f"run `hf download {hub_id} model.safetensors`"] if hub_id else []
             hint = "give the path of an existing file" if self.weights is not None else \
                 " or ".join(fetch + ["set weights to a local file"])
             raise ConfigError(f"{field}.init_args.weights", self.weights, f"{self.model_name} weights not found "

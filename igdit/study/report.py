@@ -1,6 +1,7 @@
 """REPRODUCTION.md and its plots, written from the claims (nothing typed in by hand), and the same into MLflow."""
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 
@@ -23,52 +24,83 @@ def _band(ax, series: dict[int, list[float]], label: str) -> None:
     ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
 
 
-def plot_claim(claim: Claim, folder: Path) -> list[Path]:
-    """PNG files for a claim: curves (mean ± standard error over seeds), bars, a heat-map, probe curves."""
-    paths = []
+def _title(fig, ax, text: str, size: float = 10) -> None:
+    """A title wrapped to the figure's width (a claim's title is a sentence), so that none of it is cut off."""
+    characters = max(20, int(fig.get_figwidth() * 72 / (0.55 * size)) - 6)
+    ax.set_title(textwrap.fill(text, characters), fontsize=size)
+
+
+def _better(label: str, direction: str) -> str:
+    """The axis label, saying which way is better (unless it does already)."""
+    return label if "better" in label or "helps" in label else f"{label} ({direction} is better)"
+
+
+def _text_colour(rgba) -> str:
+    """Black or white, whichever reads on a cell of colour ``rgba`` (its relative luminance, sRGB weights)."""
+    red, green, blue = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3])
+    return "black" if 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.179 else "white"
+
+
+def claim_figures(claim: Claim) -> dict[str, "plt.Figure"]:
+    """A claim's figures by file stem (``claim3-heatmap``): curves (mean ± standard error over seeds), bars, a
+    heat-map, probe curves; laid out so that every title, tick label and legend lies inside the figure."""
+    figures = {}
     if claim.curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
         for label, series in claim.curves.items():
             _band(ax, series, label)
-        ax.set(xlabel="training step", ylabel=claim.curve_label, title=f"Claim {claim.key}: {claim.title}")
+        ax.set(xlabel="training step", ylabel=_better(claim.curve_label, "lower"))
         ax.set_yscale("log")
-        ax.legend(fontsize=8)
-        paths.append(_save(fig, folder / f"claim{claim.key}-curves.png"))
+        _title(fig, ax, f"Claim {claim.key}: {claim.title}")
+        ax.legend(fontsize=8, loc="best", ncols=2 if len(claim.curves) > 4 else 1)
+        figures[f"claim{claim.key}-curves"] = fig
     if claim.probe_curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
         for label, series in claim.probe_curves.items():
             _band(ax, series, label)
-        ax.set(xlabel="training step", ylabel="linear-probe accuracy (val)", title=f"Claim {claim.key}: probe")
-        ax.legend(fontsize=8)
-        paths.append(_save(fig, folder / f"claim{claim.key}-probe.png"))
+        ax.set(xlabel="training step", ylabel="linear-probe accuracy on val (higher is better)")
+        _title(fig, ax, f"Claim {claim.key}: {claim.title} (linear probe)")
+        ax.legend(fontsize=8, loc="best")
+        figures[f"claim{claim.key}-probe"] = fig
     if claim.bars:
-        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(claim.bars)), 4))
         labels = list(claim.bars)
+        fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(labels) + 2.5), 4.6), layout="constrained")
         stats = [estimate(claim.bars[k]) for k in labels]
         ax.bar(range(len(labels)), [e.mean for e in stats], yerr=[e.se or 0.0 for e in stats], capsize=4)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set(ylabel=claim.bar_label, title=f"Claim {claim.key}: {claim.title}")
-        paths.append(_save(fig, folder / f"claim{claim.key}-bars.png"))
+        if any(e.mean < 0 for e in stats):
+            ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_ylabel(_better(claim.bar_label, "lower"))
+        _title(fig, ax, f"Claim {claim.key}: {claim.title}")
+        figures[f"claim{claim.key}-bars"] = fig
     if claim.heatmap:
         h = claim.heatmap
-        fig, ax = plt.subplots(figsize=(1.4 * len(h["columns"]) + 2, 0.6 * len(h["rows"]) + 2))
-        values = np.array(h["values"])
-        image = ax.imshow(values, cmap="viridis_r")
+        values = np.array(h["values"], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.3 * len(h["columns"]) + 3.2, 0.6 * len(h["rows"]) + 2.4),
+                               layout="constrained")
+        image = ax.imshow(values, cmap="viridis_r", aspect="auto")  # cells fill the figure, not a square
         ax.set_xticks(range(len(h["columns"])), h["columns"])
         ax.set_yticks(range(len(h["rows"])), h["rows"])
+        best = np.unravel_index(np.nanargmin(values), values.shape) if np.isfinite(values).any() else None
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
-                ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
-        ax.set(xlabel="IG interval [t_low, t_high] (t = 1 noise)", ylabel="IG scale",
-               title=f"Claim {claim.key}: FD over IG scale x interval")
+                ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8,
+                        color=_text_colour(image.cmap(image.norm(values[i, j]))),
+                        fontweight="bold" if best == (i, j) else "normal")
+        ax.set(xlabel="IG interval [t_low, t_high] (t = 1 noise)", ylabel="IG scale")
+        _title(fig, ax, f"Claim {claim.key}: FD over IG scale x interval (best in bold)")
         fig.colorbar(image, ax=ax, label="FD (lower is better)")
-        paths.append(_save(fig, folder / f"claim{claim.key}-heatmap.png"))
-    return paths
+        figures[f"claim{claim.key}-heatmap"] = fig
+    return figures
+
+
+def plot_claim(claim: Claim, folder: Path) -> list[Path]:
+    """The claim's figures as PNG files in ``folder``."""
+    return [_save(fig, folder / f"{stem}.png") for stem, fig in claim_figures(claim).items()]
 
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -13,6 +13,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +31,7 @@ from igdit.metrics.evaluate import FrechetEvaluator, evaluate_settings
 from igdit.study.claims import CLAIMS, Results
 from igdit.study.report import write_report
 from igdit.study.spec import StudySpec, resolve_references
-from igdit.tracking import open_experiment
+from igdit.tracking import open_experiment, provenance, provenance_tags
 
 
 class Study:
@@ -44,6 +45,8 @@ class Study:
         self.uri = self.client.tracking_uri  # the default store when the spec names none
         self.parent_id = self._parent_run()
         self.records: dict[tuple[str, int], dict] = {}
+        self._plan: Optional[dict] = None
+        self._progress = EvaluationProgress([], False)
         self._evaluator: Optional[FrechetEvaluator] = None
 
     def say(self, text: str) -> None:
@@ -58,7 +61,7 @@ class Study:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"{self.spec.name}-{mode}", tags={
-            "igdit.study": self.spec.name, "igdit.mode": mode, "igdit.role": "study"})
+            **provenance_tags(), "igdit.study": self.spec.name, "igdit.mode": mode, "igdit.role": "study"})
         self.client.log_artifact(run.info.run_id, self.spec.path)
         return run.info.run_id
 
@@ -172,7 +175,7 @@ class Study:
             run_id = json.loads(started.read_text())["run_id"]
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=f"{arm}-seed{seed}", tags={
-                "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "training",
+                **provenance_tags(), "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "training",
                 "igdit.arm": arm, "igdit.seed": str(seed)}).info.run_id
             started.write_text(json.dumps({"run_id": run_id}))
         config = folder / "config.yaml"
@@ -226,7 +229,9 @@ class Study:
                 "settings": {"none": {}, **({"ig": {"ig": {"scale": e.ig_scale}}} if exits else {})}}},
             {"class_path": "igdit.callbacks.Checkpoint", "init_args": {
                 "every_n_train_steps": spec.evaluate_every, "save_top_k": -1, "save_last": True,
-                "filename": "{step}"}}]
+                "filename": "{step}"}},
+            # no progress bar (runs train side by side into one log): a line every tenth of the run, with an ETA
+            {"class_path": "igdit.callbacks.StepProgress", "init_args": {"label": f"{arm} seed {seed}"}}]
         trainer["callbacks"] = callbacks
         return json.loads(json.dumps(cfg))  # plain values only (the study file's restricted numbers included)
 
@@ -245,10 +250,33 @@ class Study:
         path = self.folder / "evals" / f"{kind}-{digest}.json"
         if path.is_file():
             return json.loads(path.read_text())["value"]
+        if self._plan is not None:  # planning: note it, answer with a stand-in value
+            self._plan.setdefault(digest, (kind, key))
+            return _stand_in(kind, key, digest)
+        start = time.perf_counter()
         value = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": key, "value": value}))
+        self._progress.done(kind, key, time.perf_counter() - start, self.say)
         return value
+
+    def plan_evaluations(self, claims) -> "EvaluationProgress":
+        """The evaluations the ``claims`` will compute (those not cached yet), found by running the claims once on
+        stand-in values (no network runs), so that the evaluation phase can count them and give an ETA."""
+        self._plan, complete = {}, True
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")  # statistics of stand-in numbers
+                for make in claims:
+                    try:
+                        make(Results(self))
+                    except Exception:  # a claim that stand-ins cannot satisfy: counted as far as it got
+                        complete = False
+            planned = list(self._plan.values())
+        finally:
+            self._plan = None
+        self._progress = EvaluationProgress(planned, complete)
+        return self._progress
 
     def fd(self, checkpoint: str, settings: dict[str, dict], seed: int) -> dict[str, dict]:
         """{setting: {"fd", "nfe", "cost"}} of a checkpoint (its EMA weights) under named guidance settings, with the
@@ -275,6 +303,49 @@ class Study:
 
     def data_root(self) -> str:
         return yaml.safe_load(Path(self.spec.base).read_text())["data"]["root"]
+
+
+def _stand_in(kind: str, key: dict, digest: str) -> Any:
+    """A made-up result of the right shape while the evaluations are planned (spread, so that tests run)."""
+    rng = np.random.default_rng(int(digest, 16) % 2**32)
+    if kind == "fd":
+        return {name: {"fd": float(rng.uniform(1, 2)), "nfe": 1, "cost": 1.0} for name in key["settings"]}
+    return float(rng.uniform(0.2, 0.8))
+
+
+class EvaluationProgress:
+    """Counts the evaluation phase's computed evaluations against the plan and says, for each, what it was, how long
+    it took and when the rest should end (from the seconds per sampled setting and per probe so far)."""
+
+    def __init__(self, planned: list[tuple[str, dict]], complete: bool):
+        self.left = {"fd": sum(len(key["settings"]) for kind, key in planned if kind == "fd"),
+                     "probe": sum(kind == "probe" for kind, _ in planned)}
+        self.total, self.complete, self.count = len(planned), complete, 0
+        self.seconds = {"fd": 0.0, "probe": 0.0}
+        self.units = {"fd": 0, "probe": 0}
+
+    def describe(self) -> str:
+        if not self.total:
+            return "every evaluation is cached" if self.complete else "evaluations: the claims decide as they go"
+        return (f"{self.total} evaluation(s) to compute{'' if self.complete else ' (at least)'}: "
+                f"{self.left['fd']} sampled setting(s), {self.left['probe']} probe(s); the rest are cached")
+
+    def done(self, kind: str, key: dict, seconds: float, say) -> None:
+        units = len(key["settings"]) if kind == "fd" else 1
+        self.count += 1
+        self.seconds[kind] += seconds
+        self.units[kind] += units
+        self.left[kind] = max(0, self.left[kind] - units)
+        rates = {k: self.seconds[k] / self.units[k] for k in self.units if self.units[k]}
+        known = all(k in rates for k in self.left if self.left[k])
+        eta = sum(self.left[k] * rates.get(k, 0.0) for k in self.left)
+        checkpoint = Path(key["checkpoint"])
+        run = next((part for part in reversed(checkpoint.parts) if "-seed" in part), checkpoint.parent.name)
+        what = (f"sampling {', '.join(key['settings'])} on {run}" if kind == "fd"
+                else f"probe on {run} {checkpoint.stem}")
+        total = f"/{self.total}" if self.total and self.complete else ""
+        say(f"  evaluation {self.count}{total}: {what}, {seconds:.0f} s"
+            + (f"; ETA {_duration(eta)}" if known and eta > 0 else ""))
 
 
 @torch.no_grad()
@@ -339,36 +410,10 @@ def _alive(pid: int) -> bool:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{int(round(seconds))}s"
     minutes = int(round(seconds / 60))
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
-
-
-def provenance() -> dict:
-    """What produced the numbers: the git commit of the checkout igdit runs from (when it is one), the versions of
-    the packages that compute them, and the machine."""
-    import os
-    import platform
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", ""
-    versions = {}
-    for name in ("igdit", "torch", "lightning", "scipy", "numpy", "mlflow"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return {"commit": commit + (" (with uncommitted changes)" if dirty and commit != "unknown" else ""),
-            "versions": versions, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                                             f"{platform.system()} {platform.release()}, Python "
-                                             f"{platform.python_version()}"}
 
 
 def write_measurements(study, results: Results) -> Path:
@@ -410,6 +455,7 @@ def run_study(spec: StudySpec, out=sys.stdout, workers: int = 1, argv: Optional[
             study.client.set_terminated(study.parent_id, status="FINISHED")
             study.say("every run is trained; the same command without --train_only writes the report")
             return None
+        study.say("evaluating: " + study.plan_evaluations(CLAIMS).describe())
         results = Results(study)
         claims = []
         for i, make in enumerate(CLAIMS, start=1):

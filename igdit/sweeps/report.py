@@ -6,10 +6,9 @@ import warnings
 from typing import Optional
 
 import optuna
-from mlflow.entities import Param
 
 from igdit.sweeps.spec import SweepSpec
-from igdit.tracking import open_experiment
+from igdit.tracking import log_new_params, open_experiment, provenance_tags
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -36,20 +35,36 @@ class SweepTracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.spec.name, tags={
-            "igdit.study": self.spec.name, "igdit.storage": self.spec.storage, "igdit.role": "study",
+            **provenance_tags(), "igdit.study": self.spec.name, "igdit.storage": self.spec.storage, "igdit.role": "study",
             "igdit.kind": self.spec.kind, "igdit.sweep_file": self.spec.path, "igdit.base": self.spec.base})
         self.client.log_artifact(run.info.run_id, self.spec.path)
         return run.info.run_id
 
     def start_trial(self, trial) -> str:
         run = self.client.create_run(self.experiment_id, run_name=f"{self.spec.name}-trial-{trial.number}", tags={
-            "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "trial",
+            **provenance_tags(), "mlflow.parentRunId": self.parent_id, "igdit.study": self.spec.name, "igdit.role": "trial",
             "igdit.trial": str(trial.number)})
         return run.info.run_id
 
+    def log_trial_config(self, run_id: str, config: dict) -> None:
+        """A trial's resolved configuration (``SamplingTrial.describe``) as params (``evaluation/steps``, ...) and as
+        config.yaml. A training trial's Lightning logger records its experiment itself."""
+        params = {}
+
+        def flatten(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    flatten(f"{prefix}/{key}" if prefix else str(key), inner)
+            else:
+                params[prefix] = value
+
+        flatten("", config)
+        log_new_params(self.client, run_id, params)
+        self.client.log_dict(run_id, config, "config.yaml")
+
     def end_trial(self, run_id: str, number: int, state: str, params: dict, value: Optional[float],
                   attrs: dict) -> None:
-        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        log_new_params(self.client, run_id, params)
         if value is not None and math.isfinite(value):
             self.client.log_metric(run_id, "objective", value)
         tags = {"igdit.state": state, **{f"igdit.{k}": str(v)[:4000] for k, v in attrs.items()}}
@@ -90,36 +105,83 @@ class SweepTracker:
         return best
 
     def _plots(self, study, step: int) -> None:
-        """Optuna's history, importances and contour plots, as HTML (plotly) and PNG (matplotlib), under
-        plots/after-<n>-trials/: the plots of an earlier session of the study are kept, not replaced."""
+        """Optuna's history, importances and contour plots (``sweep_figures``), as HTML (plotly) and PNG
+        (matplotlib), under plots/after-<n>-trials/: the plots of an earlier session of the study are kept."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import optuna.visualization as vis
-        import optuna.visualization.matplotlib as vis_png
 
-        names = list(self.spec.search_space)
-        plots = {"history": lambda m: m.plot_optimization_history(study)}
-        if len(names) > 1:
-            plots["importances"] = lambda m: m.plot_param_importances(study)
-            pairs = [p for p in names if p.endswith(("interval.low", "interval.high"))]
-            scale = [p for p in names if p.endswith("scale")]
-            shown = (scale[:1] + pairs) if scale and pairs else names
-            plots["contour"] = lambda m: m.plot_contour(study, params=shown[:3])
         folder = f"plots/after-{step}-trials"
+        for name, make in sweep_figures(study, list(self.spec.search_space)).items():
+            try:
+                self.client.log_figure(self.parent_id, make("plotly"), f"{folder}/{name}.html")
+                figure = make("matplotlib")
+                self.client.log_figure(self.parent_id, figure, f"{folder}/{name}.png")
+                plt.close(figure)
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. importances of one trial
+                self.client.log_text(self.parent_id, f"not plotted after {step} trials: {err}\n",
+                                     f"{folder}/{name}.txt")
+
+
+def objective_label(study) -> str:
+    """The study's metric (``study.set_metric_names``) and which way is better: the plots' axis title."""
+    names = getattr(study, "metric_names", None) or ["objective"]
+    return f"{names[0]} ({'lower' if study.direction.name == 'MINIMIZE' else 'higher'} is better)"
+
+
+def most_important(study, names: list[str], count: int = 2) -> list[str]:
+    """The ``count`` searched parameters that matter most (Optuna's importances), else the first ones."""
+    try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib twins
-            for name, make in plots.items():
-                try:
-                    self.client.log_figure(self.parent_id, make(vis), f"{folder}/{name}.html")
-                    axes = make(vis_png)
-                    figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-                    self.client.log_figure(self.parent_id, figure, f"{folder}/{name}.png")
-                    plt.close(figure)
-                except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. importances of one trial
-                    self.client.log_text(self.parent_id, f"not plotted after {step} trials: {err}\n",
-                                         f"{folder}/{name}.txt")
+            warnings.simplefilter("ignore")  # too few trials to rank: the file's order
+            ranked = list(optuna.importance.get_param_importances(study))
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        ranked = []
+    ranked += [n for n in names if n not in ranked]
+    return ranked[:count]
+
+
+def sweep_figures(study, names: list[str]) -> dict:
+    """{plot name: make(kind)} with kind "plotly" (a plotly figure, the HTML) or "matplotlib" (a Figure laid out
+    so that its titles, tick labels and legends lie inside it): the optimisation history and, with several
+    parameters, their importances and the contour of the two most important ones (a contour of every pair of
+    three or more parameters is a grid of unreadable small panels)."""
+    import optuna.visualization as plotly_plots
+    import optuna.visualization.matplotlib as matplotlib_plots
+
+    label = objective_label(study)
+    plots = {"history": lambda m: m.plot_optimization_history(study, target_name=label)}
+    if len(names) > 1:
+        plots["importances"] = lambda m: m.plot_param_importances(study, target_name=label)
+        pair = most_important(study, names)
+        plots["contour"] = lambda m: m.plot_contour(study, params=pair, target_name=label)
+
+    def maker(plot):
+        def make(kind: str):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib twins
+                if kind == "plotly":
+                    return plot(plotly_plots)
+                axes = plot(matplotlib_plots)
+            return _fit_figure((axes.flat[0] if hasattr(axes, "flat") else axes).figure)
+        return make
+
+    return {name: maker(plot) for name, plot in plots.items()}
+
+
+def _fit_figure(figure):
+    """Optuna's matplotlib figure at a size where its text reads, laid out inside its frame."""
+    axes = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+    ticks = max((len(t.get_text()) for ax in axes for t in ax.get_yticklabels()), default=0)
+    figure.set_size_inches(max(7.0, 5.0 + 0.09 * ticks), 4.8)
+    for ax in axes:
+        ax.title.set_fontsize(11)
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.set_loc("best")
+    figure.set_layout_engine("tight")  # (constrained layout cannot solve the contour's grid of axes)
+    return figure
 
 
 def finished_trials(study) -> int:

@@ -5,6 +5,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,6 +64,9 @@ def run_sweep(spec: SweepSpec, checkpoint: Optional[str] = None, n_trials: Optio
     study.sampler = spec.optuna_sampler(finished=len(study.trials))
     if study.direction.name.lower() != spec.direction:
         raise ConfigError("study.direction", spec.direction, f"the stored study {spec.name} {study.direction.name.lower()}s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([objective.metric])  # what optuna-dashboard and the plots call the objective
     study.set_user_attr("kind", spec.kind)
     study.set_user_attr("objective", objective.metric)
     if checkpoint:
@@ -81,6 +85,8 @@ def run_sweep(spec: SweepSpec, checkpoint: Optional[str] = None, n_trials: Optio
         state, value, attrs = "FAIL", None, {}
         try:
             check_constraints(spec, values)
+            if hasattr(objective, "describe"):
+                tracker.log_trial_config(run_id, objective.describe(values))
             value = objective(trial, values, run_id)
             if not math.isfinite(value):
                 raise FloatingPointError(f"{objective.metric} is {value}")

@@ -1,6 +1,7 @@
 """What one trial does: score a guidance setting on a fixed checkpoint, or train the base experiment."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from igdit.checkpoints import load_module
 from igdit.config import ConfigError
 from igdit.data import LatentDataModule
 from igdit.experiment import run_lightning_cli
+from igdit.guidance import describe
 from igdit.metrics.evaluate import evaluate_settings
 from igdit.metrics.fid import warn_if_singular
 from igdit.sweeps.spec import SweepSpec
@@ -30,7 +32,7 @@ class SamplingTrial:
 
     def __init__(self, spec: SweepSpec, checkpoint: str):
         callback = spec.evaluation_callback()
-        self.spec, self.callback = spec, callback
+        self.spec, self.callback, self.checkpoint = spec, callback, str(Path(checkpoint).resolve())
         self.setting_name, self.base_rules = next(iter(callback.settings.items()))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.module = load_module(checkpoint, "--ckpt", device)
@@ -40,6 +42,15 @@ class SamplingTrial:
         warn_if_singular(callback.num_samples, self.evaluator.num_features, "evaluation.num_samples")
         self.value_key = "is" if spec.metric_name == "is" else "fd"
         self.metric = f"{spec.metric_name}/{self.setting_name}"
+
+    def describe(self, values: dict) -> dict:
+        """What the trial runs, as plain values: the checkpoint, the setting's rules with the trial's values, and
+        the evaluation protocol (the trial's MLflow params and config.yaml)."""
+        c = self.callback
+        return {"checkpoint": self.checkpoint, "setting": self.setting_name,
+                "guidance": describe(self.spec.setting_rules(self.base_rules, values)),
+                "evaluation": {"metric": self.metric, "num_samples": c.num_samples, **c.sampling.describe(),
+                               "labels": c.labels, "seed": c.seed, "feature": c.feature, "reference": c.reference}}
 
     def __call__(self, trial, values: dict, run_id: str) -> float:
         c = self.callback

@@ -71,6 +71,18 @@ def check_launch(devices: Any, num_nodes: Any, env: Mapping[str, str] = os.envir
                           f"set trainer.num_nodes to {layout['nodes']}")
 
 
+def check_accelerator(accelerator: Any) -> None:
+    """A GPU asked for on a machine without one: a one-line ConfigError naming ``trainer.accelerator`` (Lightning
+    would stop with a traceback from inside the Trainer)."""
+    name = getattr(accelerator, "class_path", accelerator)
+    name = str(name).rsplit(".", 1)[-1].lower() if name is not None else "auto"
+    if name in ("gpu", "cuda", "cudaaccelerator") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator", name, "this machine has no usable CUDA GPU "
+                          "(torch.cuda.is_available() is False); use cpu or auto")
+    if name in ("mps", "mpsaccelerator") and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator", name, "this machine has no Apple MPS device; use cpu or auto")
+
+
 class BuildGroup:
     """Rank, world size and a gloo process group for a command launched by torchrun (one process otherwise).
 

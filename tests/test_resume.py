@@ -13,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from helpers import REPO, short_config
+from igdit.config import ConfigError
 
 
 def _fit_command(config: Path, root: Path, data: Path, *extra: str) -> list[str]:
@@ -72,34 +73,104 @@ def test_a_killed_run_resumed_from_last_ends_as_an_uninterrupted_one(tmp_path, d
     assert {m.step: m.value for m in fd if m.step == 59} == pytest.approx({59: expected[59]}, rel=1e-4)
 
 
-def test_last_resolves_to_the_newest_checkpoint_of_the_experiment_and_reopens_its_run(tmp_path, digits_root):
-    """--ckpt_path last picks, among this experiment's runs and the checkpoints Lightning saved on SLURM's
-    pre-emption signal, the newest one, and the logger reopens the run it belongs to."""
+IG = {"backbone": {"class_path": "igdit.models.SiT", "init_args": {"size": "T/2", "exits": [2]}}}
+ACCEL = {"backbone": {"class_path": "igdit.models.SiT", "init_args": {"size": "T/2", "exits": [2]}},
+         "terms": {"ig_accel": {"class_path": "igdit.objectives.IGAccelerationLoss"}}}
+DATA = {"root": "data/digits", "batch_size": 128}
+
+
+def _checkpoint(path: Path, run_id: str, model: dict = IG, data: dict = DATA, step: int = 20,
+                experiment: str = "exp") -> Path:
+    """A file with what resume resolution reads of a Lightning checkpoint (its tensors are not needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {**model, "_instantiator": "lightning.pytorch.cli"},
+                "datamodule_hyper_parameters": dict(data), "global_step": step, "loops": {}, "optimizer_states": [],
+                "igdit_run": {"run_id": run_id, "experiment": experiment}}, path)
+    time.sleep(0.02)  # distinct modification times
+    return path
+
+
+def _config(tmp_path: Path, ckpt_path="last", max_steps: int = 60, **init_args):
     from jsonargparse import Namespace
 
-    from igdit.experiment import resolve_resume
+    logger = Namespace(class_path="igdit.tracking.MLflowLogger",
+                       init_args=Namespace(**{"experiment_name": "exp", "run_id": None, **init_args}))
+    return Namespace(ckpt_path=ckpt_path, trainer=Namespace(default_root_dir=str(tmp_path), logger=logger,
+                                                            max_steps=max_steps))
 
-    def checkpoint(path: Path, run_id: str, experiment: str = "exp") -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": {}, "hyper_parameters": {}, "igdit_run": {"run_id": run_id, "experiment": experiment}},
-                   path)
-        time.sleep(0.02)  # distinct modification times
-        return path
 
-    def config(**init_args):
-        logger = Namespace(class_path="igdit.tracking.MLflowLogger",
-                           init_args=Namespace(experiment_name="exp", run_id=None, **init_args))
-        return Namespace(ckpt_path="last", trainer=Namespace(default_root_dir=str(tmp_path), logger=logger))
+def _resolve(config, model: dict = IG, data: dict = DATA):
+    from igdit.resume import resolve_resume
 
-    empty = config()
-    assert resolve_resume(empty) is None  # nothing yet: a new run
-    older = checkpoint(tmp_path / "exp" / "run1" / "checkpoints" / "last.ckpt", "run1")
-    checkpoint(tmp_path / "hpc_ckpt_1.ckpt", "runX", experiment="other")  # another experiment's pre-emption save
-    newer = checkpoint(tmp_path / "exp" / "run2" / "checkpoints" / "last.ckpt", "run2")
-    found = config()
-    assert resolve_resume(found) == str(newer) and found.trainer.logger.init_args.run_id == "run2"
-    named = config()
-    named.trainer.logger.init_args.run_id = "run1"
-    assert resolve_resume(named) == str(older)
-    hpc = checkpoint(tmp_path / "hpc_ckpt_2.ckpt", "run1")
-    assert resolve_resume(config()) == str(hpc)
+    return resolve_resume(config, {"model": model, "data": data})
+
+
+def test_last_resolves_to_the_newest_resume_point_of_the_same_config_and_reopens_its_run(tmp_path, capsys):
+    """--ckpt_path last picks, among this experiment's runs *of the same config* and the checkpoints Lightning saved on
+    SLURM's pre-emption signal, the newest one (a periodic checkpoint counts), and the logger reopens its run."""
+    assert _resolve(_config(tmp_path)) is None  # nothing yet: a new run
+    assert "starting a new run" in capsys.readouterr().out
+    older = _checkpoint(tmp_path / "exp" / "run1" / "checkpoints" / "last.ckpt", "run1")
+    _checkpoint(tmp_path / "hpc_ckpt_1.ckpt", "runX", experiment="other")  # another experiment's pre-emption save
+    _checkpoint(tmp_path / "exp" / "run2" / "checkpoints" / "last.ckpt", "run2", step=20)
+    periodic = _checkpoint(tmp_path / "exp" / "run2" / "checkpoints" / "epoch=1-step=40.ckpt", "run2", step=40)
+    config = _config(tmp_path)
+    assert _resolve(config) == str(periodic) and config.trainer.logger.init_args.run_id == "run2"
+    assert _resolve(_config(tmp_path, run_id="run1")) == str(older)
+    hpc = _checkpoint(tmp_path / "hpc_ckpt_2.ckpt", "run1", step=50)
+    assert _resolve(_config(tmp_path)) == str(hpc)
+    same_step = _checkpoint(tmp_path / "exp" / "run2" / "checkpoints" / "last.ckpt", "run2", step=55)
+    _checkpoint(tmp_path / "exp" / "run2" / "checkpoints" / "epoch=2-step=55.ckpt", "run2", step=55)
+    assert _resolve(_config(tmp_path)) == str(same_step)  # one step saved twice: last.ckpt is the one named
+
+
+def test_two_configs_under_one_experiment_name_never_continue_each_other(tmp_path, capsys):
+    """Every digits YAML logs to igdit-digits: `make train` after an IG-acceleration run continued that run with the
+    default objective. The newest run of *this* config is continued, or a new one starts and says why."""
+    ig = _checkpoint(tmp_path / "exp" / "ig" / "checkpoints" / "last.ckpt", "ig")
+    _checkpoint(tmp_path / "exp" / "accel" / "checkpoints" / "last.ckpt", "accel", model=ACCEL)
+    config = _config(tmp_path)
+    assert _resolve(config) == str(ig) and config.trainer.logger.init_args.run_id == "ig"
+    assert _resolve(_config(tmp_path), model=ACCEL).endswith("accel/checkpoints/last.ckpt")
+    config = _config(tmp_path)
+    assert _resolve(config, data={**DATA, "root": "elsewhere"}) is None and config.trainer.logger.init_args.run_id is None
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "starting a new run" in out and "data.root" in out and "2 run(s) there have another config" in out
+
+
+def test_a_changed_architecture_or_data_root_is_refused_in_one_line_naming_the_fields(tmp_path):
+    path = _checkpoint(tmp_path / "exp" / "run1" / "checkpoints" / "last.ckpt", "run1")
+    changed = {"backbone": {"class_path": "igdit.models.SiT", "init_args": {"size": "T/2", "exits": [4]}}}
+    with pytest.raises(ConfigError, match=r"^ckpt_path: .*model.backbone.init_args.exits: \[4\] \(the run's: \[2\]\)"):
+        _resolve(_config(tmp_path, ckpt_path=str(path)), model=changed)
+    with pytest.raises(ConfigError, match=r"^trainer.logger.init_args.run_id: 'run1' .*data.root: \"moved\""):
+        _resolve(_config(tmp_path, run_id="run1"), data={**DATA, "root": "moved"})
+
+
+def test_last_passes_over_a_damaged_checkpoint_to_the_newest_readable_one_and_says_which(tmp_path, capsys):
+    good = _checkpoint(tmp_path / "exp" / "run1" / "checkpoints" / "epoch=0-step=20.ckpt", "run1", step=20)
+    last = _checkpoint(tmp_path / "exp" / "run1" / "checkpoints" / "last.ckpt", "run1", step=40)
+    last.write_bytes(last.read_bytes()[:300])  # what a non-atomic write cut by a full disk left
+    assert _resolve(_config(tmp_path)) == str(good)
+    out = capsys.readouterr().out
+    assert f"passing over the unreadable {last}" in out and f"resuming from {good} (step 20)" in out
+
+
+def test_a_run_id_without_checkpoints_is_refused_instead_of_reopening_the_run(tmp_path):
+    """Its folder deleted, `--trainer.logger.init_args.run_id <id> --ckpt_path last` said "starting a new run" and
+    reopened the old FINISHED run."""
+    with pytest.raises(ConfigError, match=r"^trainer.logger.init_args.run_id: 'gone' .*no readable checkpoint"):
+        _resolve(_config(tmp_path, run_id="gone"))
+
+
+def test_a_finished_run_is_extended_by_more_steps_and_otherwise_left_alone(tmp_path):
+    from igdit.config import NothingToTrain
+
+    last = _checkpoint(tmp_path / "exp" / "run1" / "checkpoints" / "last.ckpt", "run1", step=60)
+    with pytest.raises(NothingToTrain, match=r"^nothing to train: run run1 is at step 60 .*above 60 to extend it"):
+        _resolve(_config(tmp_path, max_steps=60))
+    assert _resolve(_config(tmp_path, max_steps=80)) == str(last)
+    weights = tmp_path / "imported.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": dict(IG), "global_step": 4000}, weights)
+    with pytest.raises(ConfigError, match=r"^ckpt_path: .*holds weights only"):
+        _resolve(_config(tmp_path, ckpt_path=str(weights), max_steps=80))

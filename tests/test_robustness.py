@@ -40,11 +40,39 @@ def test_the_divergence_guard_stops_a_loss_that_runs_away_and_only_then():
     guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(50.0)}, None, 30)  # one spike is allowed
     guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 31)
     assert not guard.suspicious
-    with pytest.raises(TrainingStopped, match=r"diverged at step .*stayed above .*its running median"):
-        for step in range(32, 40):
+    with pytest.raises(TrainingStopped, match=r"diverged at step 34: .*stayed above .*its running median"):
+        for step in range(32, 40):  # 1e3 runs away from the median (about 1.5) but stays below the ceiling (1e4)
             trainer.global_step = step
-            guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(1e6)}, None, step)
+            guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(1e3)}, None, step)
     assert guard.suspicious  # while it ran away, checkpoints waited
+
+
+def test_the_divergence_guard_stops_a_blow_up_on_the_first_steps():
+    """lr 1e6 took the loss from 2.6 to 1.7e12 at step 2: a median that needs 100 steps of history is itself ~1e28 by
+    then. The ceiling stops it at once, and a run-away from the first steps' loss stops before the median has any."""
+    trainer = _Trainer()
+    guard = DivergenceGuard()  # the defaults every shipped YAML uses
+    with pytest.raises(TrainingStopped, match=r"diverged at step 2: loss 1\.7e\+12 is above DivergenceGuard.ceiling"):
+        for step, loss in enumerate([2.57, 2.4, 1.7e12]):
+            trainer.global_step = step
+            guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
+    guard = DivergenceGuard(patience=3, early_steps=5)
+    with pytest.raises(TrainingStopped, match=r"diverged at step 7: .*the median 2\.5 of the first 5 steps"):
+        for step, loss in enumerate([2.6, 2.5, 2.4, 2.5, 2.6, 900.0, 5000.0, 8000.0, 9000.0]):  # all below 1e4
+            trainer.global_step = step
+            guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
+    healthy = DivergenceGuard(patience=3, early_steps=5)
+    for step, loss in enumerate([2.6, 2.5, 2.4, 2.5, 2.6, 30.0, 1.2, 200.0, 1.1]):  # spikes below 100x, or alone
+        trainer.global_step = step
+        healthy.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
+
+
+def test_every_experiment_that_trains_carries_a_divergence_guard():
+    configs = [c for c in sorted((REPO / "experiments").glob("*.yaml")) if "stages" not in yaml.safe_load(c.read_text())]
+    assert len(configs) >= 25
+    missing = [c.name for c in configs if not any(cb["class_path"] == "igdit.callbacks.DivergenceGuard"
+                                                  for cb in yaml.safe_load(c.read_text())["trainer"]["callbacks"])]
+    assert missing == []
 
 
 def test_the_divergence_guard_reads_a_negative_loss_as_signed():

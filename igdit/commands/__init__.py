@@ -7,7 +7,7 @@ import sys
 
 from jsonargparse import ArgumentError
 
-from igdit.config import ConfigError, TrainingStopped, config_error_in, one_line
+from igdit.config import ConfigError, NothingToTrain, TrainingStopped, config_error_in, one_line
 
 # subcommand -> (module under igdit.commands, what it does)
 COMMANDS = {
@@ -53,6 +53,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("error: " + one_line(wrapped), file=sys.stderr)
         return 2
+    except NothingToTrain as err:
+        print(str(err), flush=True)
+        return 0
     except TrainingStopped as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 1
+        print("error: " + stopped_line(err), file=sys.stderr)
+        return err.exit_code
+
+
+def stopped_line(err: TrainingStopped) -> str:
+    """The one line of a stopped run. Raised in a DataLoader worker, the error comes back re-created around the
+    worker's whole traceback ("Caught TrainingStopped in DataLoader worker process 0. Original Traceback ..."): its
+    last line is the message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

@@ -22,7 +22,7 @@ from igdit.models import BACKBONES
 from igdit.module import build_module
 
 WEIGHTS = ("ema", "raw")
-__all__ = ["AtomicCheckpointIO", "load_module", "model_config", "newest_checkpoint", "read_checkpoint",
+__all__ = ["AtomicCheckpointIO", "load_failure", "load_module", "model_config", "newest_checkpoint", "read_checkpoint",
            "save_atomically"]
 
 
@@ -39,14 +39,14 @@ def read_checkpoint(path: str | Path, field: str = "--ckpt", mmap: bool = False)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # any file that is not a whole, safe torch checkpoint (a text file fails with KeyError)
         raise ConfigError(field, str(path), f"is not a readable igdit checkpoint: torch.load with weights_only=True "
-                                            f"says {_load_failure(err)}") from None
+                                            f"says {load_failure(err)}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ConfigError(field, str(path), "is not an igdit checkpoint (no state_dict and hyper_parameters); "
                                             "import official checkpoints with `igdit import-ckpt`")
     return checkpoint
 
 
-def _load_failure(err: Exception) -> str:
+def load_failure(err: Exception) -> str:
     """What torch.load said, in whole sentences on one line: the reason it refused unsafe content (the global it
     would have imported) rather than its advice to turn the check off."""
     text = " ".join(str(err).split())

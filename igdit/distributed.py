@@ -71,6 +71,20 @@ def check_launch(devices: Any, num_nodes: Any, env: Mapping[str, str] = os.envir
                           f"set trainer.num_nodes to {layout['nodes']}")
 
 
+def check_device(device: str, field: str) -> None:
+    """A torch device this machine has (cpu, cuda, cuda:<index> of a visible GPU), or a one-line ConfigError."""
+    allowed = "expected cpu, cuda or cuda:<index> of a visible GPU"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(field, device, allowed) from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available()
+                                  or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(field, device, f"{allowed}; this machine has {torch.cuda.device_count()} usable GPU(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(field, device, allowed)
+
+
 def check_accelerator(accelerator: Any) -> None:
     """A GPU asked for on a machine without one: a one-line ConfigError naming ``trainer.accelerator`` (Lightning
     would stop with a traceback from inside the Trainer)."""

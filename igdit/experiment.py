@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from igdit.callbacks import StopOnSignal
 from igdit.checkpoints import AtomicCheckpointIO, checkpoint_step, newest_checkpoint
-from igdit.config import ConfigError, Interrupted, check_number
+from igdit.config import ConfigError, Interrupted
 from igdit.data import LatentDataModule
 from igdit.distributed import check_accelerator, check_launch
 from igdit.module import IGDiTModule
@@ -47,8 +47,10 @@ class IGDiTCLI(LightningCLI):
         trainer = config.get("trainer") or {}
         check_launch(trainer.get("devices"), trainer.get("num_nodes"))
         check_accelerator(trainer.get("accelerator"))
-        if self.subcommand == "fit" and trainer.get("max_steps") != -1:  # -1: Lightning's "until max_epochs"
-            check_number("trainer.max_steps", trainer.get("max_steps"), low=1, integer=True)
+        if self.subcommand == "fit" and trainer.get("max_steps") != -1 and not (
+                isinstance(trainer.get("max_steps"), int) and trainer.get("max_steps") >= 1):
+            raise ConfigError("trainer.max_steps", trainer.get("max_steps"), "expected the number of optimizer steps "
+                              "to train, >= 1 (or -1: until trainer.max_epochs)")
         if "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True  # a checkpoint never runs code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
         if config.get("ckpt_path") is not None:

@@ -26,20 +26,48 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
-def test_a_killed_run_resumed_from_last_ends_as_an_uninterrupted_one(tmp_path, digits_root):
-    config = short_config(tmp_path / "short.yaml", max_steps=60, every=20, samples_per_class=1, grid_steps=2,
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digits_root):
+    """One uninterrupted run of the shortened default experiment (60 steps; checkpoints and FID every 20), which the
+    interrupted runs of this file must end exactly like. Returns (its folder, the experiment file)."""
+    root = tmp_path_factory.mktemp("whole")
+    config = short_config(root / "short.yaml", max_steps=60, every=20, samples_per_class=1, grid_steps=2,
                           log_every_n_steps=5)
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    done = subprocess.run(_fit_command(config, whole, digits_root), env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_fit_command(config, root, digits_root), env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return root, config
 
+
+def _same_end(whole: Path, broken: Path) -> None:
+    """Both runs ended at step 60 with the same EMA and raw weights (float tolerance)."""
+    (a,), (b,) = list((whole / "runs").rglob("last.ckpt")), list((broken / "runs").rglob("last.ckpt"))
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 60  # the final step is saved as last
+    for key in ("state_dict", "current_model_state"):  # EMA and raw weights
+        worst = max((a[key][k] - b[key][k]).abs().max().item() for k in a[key])
+        print(f"interrupted and resumed vs uninterrupted, max abs difference of {key}: {worst:.2e}")
+        assert worst < 1e-5, (key, worst)
+    assert any(not torch.equal(a["state_dict"][k], a["current_model_state"][k]) for k in a["state_dict"])
+
+
+def _wait_for_last(folder: Path, process, step: int = 20) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        found = list((folder / "runs").rglob("last.ckpt"))
+        if found and torch.load(found[0], weights_only=True, mmap=True)["global_step"] >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no last.ckpt appeared")
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_from_last_ends_as_an_uninterrupted_one(uninterrupted, tmp_path, digits_root):
+    whole, config = uninterrupted
+    broken = tmp_path / "broken"
     process = subprocess.Popen(_fit_command(config, broken, digits_root), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((broken / "runs").rglob("last.ckpt")) and time.time() < deadline:
-        time.sleep(0.2)
+    _wait_for_last(broken, process)
     os.kill(process.pid, signal.SIGKILL)  # after the step-20 checkpoint, somewhere in steps 20..60
     process.wait()
     killed_at = torch.load(next((broken / "runs").rglob("last.ckpt")), weights_only=True)["global_step"]
@@ -48,15 +76,7 @@ def test_a_killed_run_resumed_from_last_ends_as_an_uninterrupted_one(tmp_path, d
     resumed = subprocess.run(_fit_command(config, broken, digits_root, "--ckpt_path", "last"), env=_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    (a,), (b,) = list((whole / "runs").rglob("last.ckpt")), list((broken / "runs").rglob("last.ckpt"))
-    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert a["global_step"] == b["global_step"] == 60  # the final step is saved as last
-    for key in ("state_dict", "current_model_state"):  # EMA and raw weights
-        worst = max((a[key][k] - b[key][k]).abs().max().item() for k in a[key])
-        print(f"killed at step {killed_at} and resumed vs uninterrupted, max abs difference of {key}: {worst:.2e}")
-        assert worst < 1e-5, (key, worst)
-    assert any(not torch.equal(a["state_dict"][k], a["current_model_state"][k]) for k in a["state_dict"])
+    _same_end(whole, broken)
 
     client = MlflowClient(f"sqlite:///{broken / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("igdit-digits").experiment_id])
@@ -71,6 +91,82 @@ def test_a_killed_run_resumed_from_last_ends_as_an_uninterrupted_one(tmp_path, d
     whole_run = whole_client.search_runs([whole_client.get_experiment_by_name("igdit-digits").experiment_id])[0]
     expected = {m.step: m.value for m in whole_client.get_metric_history(whole_run.info.run_id, "fd_digits/ig")}
     assert {m.step: m.value for m in fd if m.step == 59} == pytest.approx({59: expected[59]}, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_its_step_marks_the_run_killed_and_explicit_last_and_longer_resumes_finish_it(
+        uninterrupted, tmp_path, digits_root, capsys):
+    """What a scheduler sends first: SIGTERM. Before, the run exited 0 with no message and no checkpoint."""
+    from igdit.cli import main
+
+    whole, config = uninterrupted
+    broken = tmp_path / "broken"
+    process = subprocess.Popen(_fit_command(config, broken, digits_root), env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for_last(broken, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    line = err.strip().splitlines()[-1]
+    assert process.returncode == 143, err[-3000:]
+    stopped = int(line.split("at step ")[1].split()[0])
+    assert line.startswith("error: stopped by SIGTERM at step ") and "--ckpt_path last" in line and 20 <= stopped < 60
+    (run_dir,) = (broken / "runs" / "igdit-digits").iterdir()
+    folder = run_dir / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == stopped  # the step it stopped at
+    assert f"{folder / 'last.ckpt'} holds step {stopped}" in line
+    client = MlflowClient(f"sqlite:///{broken / 'mlflow.db'}")
+    assert client.get_run(run_dir.name).info.status == "KILLED"
+
+    # By explicit path, from the periodic step-20 checkpoint (saved before last.ckpt existed, so Lightning's callback
+    # state in it does not know last.ckpt): the run keeps writing last.ckpt, not last-v1.ckpt, and ends as the
+    # uninterrupted one.
+    (periodic,) = [p for p in folder.glob("epoch=*-step=20.ckpt")]
+    fit = _fit_command(config, broken, digits_root)[3:]
+    assert main([*fit, "--ckpt_path", str(periodic)]) == 0
+    assert not list(folder.glob("last-v*.ckpt"))
+    _same_end(whole, broken)
+    assert client.get_run(run_dir.name).info.status == "FINISHED"
+
+    capsys.readouterr()
+    assert main([*fit, "--ckpt_path", "last"]) == 0  # finished: nothing is trained again, nothing crashes
+    assert capsys.readouterr().out.strip().startswith(f"nothing to train: run {run_dir.name} is at step 60")
+
+    grid = (run_dir / "samples.png").stat().st_mtime_ns
+    assert main([*fit, "--ckpt_path", "last", "--trainer.max_steps", "70"]) == 0  # extending a finished run
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 70
+    assert (run_dir / "samples.png").stat().st_mtime_ns > grid  # its end-of-run grid shows the new end
+    assert [r.info.status for r in client.search_runs([client.get_experiment_by_name("igdit-digits").experiment_id])] \
+        == ["FINISHED"]
+
+
+def test_sigint_stops_between_steps_as_sigterm_does_and_a_second_one_at_once():
+    """SIGINT is routed to Lightning's SIGTERM handler while the training loop runs (no KeyboardInterrupt in the middle
+    of an optimiser step); outside the loop, or the second time, it interrupts at once."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from igdit.callbacks import StopOnSignal
+
+    stop, lightning_calls = StopOnSignal(), []
+    with stop.listening():
+        ours = signal.getsignal(signal.SIGTERM)
+
+        def lightning(number, frame):  # Lightning's handler: sets received_sigterm, then calls the one it replaced
+            lightning_calls.append(number)
+            ours(number, frame)
+
+        signal.signal(signal.SIGTERM, lightning)
+        stop.on_train_start(None, None)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.received == "SIGINT" and lightning_calls == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        stop.on_train_end(None, None)
+        with pytest.raises(SIGTERMException):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 IG = {"backbone": {"class_path": "igdit.models.SiT", "init_args": {"size": "T/2", "exits": [2]}}}

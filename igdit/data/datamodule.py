@@ -201,6 +201,17 @@ class ShardCheck:
             yield shard
 
 
+class CheckedRead:
+    """Shard dicts -> raw samples: each shard checked (``ShardCheck``), then read by ``read`` (WebDataset's
+    tarfile_to_samples); one pipeline stage, picklable for spawned DataLoader workers."""
+
+    def __init__(self, check: ShardCheck, read):
+        self.check, self.read = check, read
+
+    def __call__(self, src):
+        return self.read(self.check.stage(src))
+
+
 class SkipCounter:
     """Samples a stream could not read (a damaged tar member, a latent of the wrong shape), counted across the
     DataLoader's worker processes (a shared value) and logged one by one with their shard and reason.
@@ -501,6 +512,14 @@ class LatentDataModule(pl.LightningDataModule):
             raise ConfigError("data.batch_size", self.batch_size, f"must be divisible by the world size {world_size} "
                               "(it is the global batch across all devices)")
         self._check_shard_count(world_size)
+        workers = max(1, self.num_workers)
+        smallest = min(sum(self.shard_samples[i] for i in subset)
+                       for subset in shard_subsets(len(self.train_urls), world_size, workers))
+        if self.batch_size // world_size > smallest:  # no reader could fill one batch: it would read forever
+            raise ConfigError("data.batch_size", self.batch_size, f"gives each of the {world_size} device(s) "
+                              f"{self.batch_size // world_size} samples per batch, and a reader ({world_size} rank(s) x "
+                              f"{workers} worker(s) share the {len(self.train_urls)} train shards) holds as few as "
+                              f"{smallest}; use at most {smallest * world_size}, or fewer data.num_workers")
         readers = world_size * max(1, self.num_workers)
         if len(self.train_urls) % readers:
             rank_zero_warn(f"{len(self.train_urls)} train shards do not divide among {world_size} rank(s) x "
@@ -527,7 +546,7 @@ class LatentDataModule(pl.LightningDataModule):
         decode = wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys or (posterior and not training),
                                  header=npy_header(self.latent_shape, self.dtype), posterior=posterior,
                                  dtype=self.dtype), handler=handler)
-        stages = [] if training else [self.check.stage, wds.tarfile_to_samples(handler=handler)]
+        stages = [] if training else [CheckedRead(self.check, wds.tarfile_to_samples(handler=handler))]
         stages.append(decode)
         if posterior:
             stages.append(PosteriorDraws(self.seed, keep_keys=with_keys))

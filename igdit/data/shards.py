@@ -57,7 +57,7 @@ from tqdm import tqdm
 from igdit.config import ConfigError, check_choice, check_number
 from igdit.data.encoders import LatentEncoder, LatentNormalizer, build_encoder, images_to_unit
 from igdit.data.sources import ArraySource, ImageSource, UnreadableImage, load_source, parse_source
-from igdit.distributed import BuildGroup
+from igdit.distributed import BuildGroup, check_device
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -322,16 +322,7 @@ def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encode
 
 
 def _check_device(device: str) -> None:
-    allowed = "expected cpu, cuda or cuda:<index> of a visible GPU"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError("device", device, allowed) from None
-    if parsed.type == "cuda" and (not torch.cuda.is_available()
-                                  or (parsed.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError("device", device, f"{allowed}; this machine has {torch.cuda.device_count()} GPU(s)")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError("device", device, allowed)
+    check_device(device, "device")
 
 
 def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, arrays: int = 1,

@@ -411,6 +411,26 @@ def test_a_text_file_as_a_checkpoint_is_one_line_in_every_command_that_reads_one
     assert not any(own_working_directory.iterdir())  # no mlflow.db, no runs/: the refused teacher left no run
 
 
+@pytest.mark.parametrize("change,field", [
+    ({"FIDCallback": {"reference": "no_such_reference.npz"}}, "FIDCallback.reference"),
+    ({"monitor": "val/los"}, "ModelCheckpoint.monitor"),  # a typo Lightning found at the first validation
+])
+def test_a_refused_callback_setting_leaves_no_run_behind(change, field, tmp_path, digits_root, capsys,
+                                                         own_working_directory):
+    cfg = yaml.safe_load(short_config(tmp_path / "c.yaml", max_steps=20, every=10, samples_per_class=1,
+                                      grid_steps=2).read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("FIDCallback") and "FIDCallback" in change:
+            cb["init_args"].update(change["FIDCallback"])
+        if "monitor" in change and (cb.get("init_args") or {}).get("monitor"):  # the best-FD checkpoint's
+            cb["init_args"]["monitor"] = change["monitor"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(tmp_path / "c.yaml"), "--data.root", str(digits_root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {field}: "), err[-3:]
+    assert not any(own_working_directory.iterdir())  # no mlflow.db, no runs/
+
+
 # ---- MLflow conventions -----------------------------------------------------------------------------------------
 def test_mlflow_tracking_uri_is_honoured_and_runs_get_distinct_names(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")

@@ -345,9 +345,13 @@ class LatentDataModule(pl.LightningDataModule):
         no sample is read twice in an epoch; see the module docstring for when every sample is read).
     seed: base seed of the shard and sample shuffles.
     train_shards, val_shards: shard patterns overriding root/train-*.tar and root/val-*.tar.
-    max_skipped_fraction: a training run stops (one line) when more than this share of the samples it read could
-        not be read or decoded; every skip is counted (logged as ``data/skipped``) and reported with its shard and
-        reason, without WebDataset's half-second pause per skip.
+    max_skipped_fraction: a training run stops (one line) when its training stream could not read or decode more
+        than this share of the samples it read, counted against at least one epoch's training samples of the rank;
+        every skip (validation and FID reference reads included) is counted, logged as ``data/skipped`` and
+        reported with its shard and reason, without WebDataset's half-second pause per skip.
+
+    Every shard is checked against meta.json: its size when the module is built, its SHA-256 once per process when a
+    stream first opens it (``ShardCheck``); a train-/val-*.tar in root that meta.json does not list is refused.
     """
 
     def __init__(

@@ -1,7 +1,10 @@
 """Lightning callbacks: the end-of-run sample grid, training throughput and the periodic Fréchet distance."""
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -13,8 +16,11 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat,
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from igdit.checkpoints import checkpoint_step, newest_checkpoint
 
 from igdit.compat import averaged_model, throughput_clocks
 from igdit.config import ConfigError, TrainingStopped
@@ -23,7 +29,7 @@ from igdit.guidance import Denoiser, describe, parse_settings
 from igdit.images import image_grid, save_grid, save_png
 from igdit.metrics.evaluate import FrechetEvaluator, check_reference, evaluate_settings
 from igdit.metrics.features import METRIC_NAMES, InceptionFeatures, inception_weights_candidates
-from igdit.metrics.fid import ReferenceStats, warn_if_singular
+from igdit.metrics.fid import ReferenceStats, check_reference_file, warn_if_singular
 from igdit.tracking import run_directory
 
 
@@ -98,7 +104,8 @@ class SampleGrid(pl.Callback):
         names = (pl_module.data_meta or {}).get("class_names") or [str(c) for c in range(pl_module.num_classes)]
         grid = image_grid(blocks, upscale=max(1, 32 // blocks[0].shape[-1]), row_labels=[str(n)[:12] for n in names],
                           block_labels=[setting_label(rules) for rules in self.settings.values()])
-        self.path = save_png(grid, run_directory(trainer) / self.filename)
+        # overwrite: a run extended past its end (resumed with more steps) shows its new final weights
+        self.path = save_png(grid, run_directory(trainer) / self.filename, overwrite=True)
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(self.path))
@@ -174,6 +181,14 @@ class FIDCallback(pl.Callback):
             raise ConfigError(f"{f}.num_samples", self.num_samples,
                               f"labels: balanced needs a multiple of the {pl_module.num_classes} classes")
         self._check_monitors(trainer, stage)
+        interval = getattr(trainer, "val_check_interval", None)
+        if stage == "fit" and self.every_n_steps is not None and isinstance(interval, int) \
+                and getattr(trainer, "check_val_every_n_epoch", 1) is None and self.every_n_steps % interval:
+            raise ConfigError(f"{f}.every_n_steps", self.every_n_steps, "FID runs inside validation passes, which "
+                              f"come every {interval} steps (trainer.val_check_interval): choose a multiple of "
+                              f"{interval}, or set trainer.val_check_interval to {self.every_n_steps}")
+        if self.reference.endswith(".npz"):
+            check_reference_file(self.reference, self.feature, f"{f}.reference")
         if self.feature == "inception" and not self.allow_download and not any(
                 p.is_file() for p in inception_weights_candidates(self.inception_weights)):
             InceptionFeatures(self.inception_weights, False, f"{f}.inception_weights")  # its one-line error
@@ -401,7 +416,8 @@ class ModelSummary(LightningModelSummary):
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, with ``last`` meaning last and resumable evaluations:
+    """Lightning's ModelCheckpoint, with ``last`` meaning last, resumable evaluations and interruptions that keep
+    the work done:
 
     * the final step is always saved as ``last.ckpt`` (at the end of its batch; Lightning's own end-of-training save
       comes after EMAWeightAveraging has copied the averaged weights into the model, so it would store the EMA
@@ -409,8 +425,26 @@ class Checkpoint(ModelCheckpoint):
       as ``state_dict``, always);
     * a periodic save that falls on a step with a validation pass waits for that pass to end, so the checkpoint
       already holds the evaluation of its step (a run killed during it resumes from the previous checkpoint and
-      redoes it instead of losing it).
+      redoes it instead of losing it);
+    * the last checkpoint of a run is always ``last.ckpt``, replaced in place (Lightning writes ``last-v1.ckpt`` when
+      a resumed run finds a last.ckpt it does not know it wrote, and a later ``--ckpt_path last`` then read the old one);
+    * SIGTERM or SIGINT (Lightning's loops stop at the end of the step, ``StopOnSignal``) saves ``last.ckpt`` at the
+      step they stopped at;
+    * a checkpoint that cannot be written (disk full) stops the run with one line naming the last good checkpoint:
+      files are written whole or not at all (``igdit.checkpoints.AtomicCheckpointIO``), so that one is intact.
     """
+
+    def check(self, trainer, pl_module, stage: str = "fit") -> None:
+        """A validation value to monitor must be one the module logs in every validation pass (Lightning stops at the
+        first pass with a traceback otherwise, after training has started); FID monitors are FIDCallback's check."""
+        monitor = self.monitor or ""
+        if not monitor.startswith("val/"):
+            return
+        terms = list(getattr(pl_module, "objective", {}) or {})
+        name = monitor[len("val/"):]
+        if name != "loss" and name not in terms and name.split("/")[0] not in terms:
+            raise ConfigError("ModelCheckpoint.monitor", monitor, "validation logs val/loss and val/<term> for the "
+                              f"terms {', '.join(terms)} (or a FIDCallback metric such as fd_digits/<setting>)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if any(getattr(callback, "suspicious", False) for callback in trainer.callbacks):
@@ -419,19 +453,43 @@ class Checkpoint(ModelCheckpoint):
         step = trainer.global_step
         validates_now = isinstance(trainer.val_check_interval, int) and trainer.check_val_every_n_epoch is None \
             and step % trainer.val_check_interval == 0
-        if every and step % every == 0 and validates_now and not self._final_step(trainer):
+        final = self._final_step(trainer)
+        if validates_now and not final and (every and step % every == 0 or self.save_last and trainer.received_sigterm):
             self._defer_save_until_validation = True  # Lightning's own deferral: saved in on_validation_end
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.save_last and self._final_step(trainer) and self._last_global_step_saved != step:
+        if self.save_last and (final or trainer.received_sigterm) and self._last_global_step_saved != step:
             monitor_candidates = self._monitor_candidates(trainer)
             if self.monitor is None or self.monitor in monitor_candidates:
                 self._save_topk_checkpoint(trainer, monitor_candidates)
             self._save_last_checkpoint(trainer, monitor_candidates)
             self._last_global_step_saved = step
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning's own save_on_exception saves on any exception, a diverging run's too: here only an interruption
+        # saves, and only last.ckpt, when the step it stopped at is not saved yet (a signal during a validation pass).
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING \
+                and not trainer.sanity_checking and self._last_global_step_saved != trainer.global_step \
+                and not any(getattr(callback, "suspicious", False) for callback in trainer.callbacks):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer, pl_module) -> None:
         """Nothing: the final step was saved at the end of its batch, before the EMA copy."""
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self.save_last and self.dirpath is not None:  # the name Lightning versions when it thinks it is not its own
+            self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as err:
+            good = newest_checkpoint(self.dirpath) if self.dirpath else None
+            what = f"{good} (step {checkpoint_step(good)})" if good else "none: no checkpoint was written yet"
+            raise TrainingStopped(f"could not write the checkpoint {filepath} ({err.strerror or err}); checkpoints are "
+                                  f"written whole or not at all, and the last good one is {what}; free space and "
+                                  "resume with --ckpt_path last") from None
 
     @staticmethod
     def _final_step(trainer) -> bool:
@@ -439,38 +497,62 @@ class Checkpoint(ModelCheckpoint):
 
 
 class DivergenceGuard(pl.Callback):
-    """Stops a run that diverges, keeping the last good checkpoint and naming it.
+    """Stops a run that diverges, keeping the last good checkpoint and naming it, from the first steps on.
 
-    A loss more than (``factor`` - 1) x |median| above its running median (over the last ``window`` steps) for
-    ``patience`` steps in a row stops training with a one-line message: above ``factor`` x the median for the
-    usual positive loss, and still a rise, not a fall, when terms make the loss negative (the dispersive loss is a
-    log-mean-exp <= 0). A non-finite loss stops at once, in the module, before the weights are touched.
-    Checkpoints written while the loss was running away are not the last good one.
+    * ``ceiling``: a loss above it stops the run at once (a flow-matching loss on normalised latents is of order 1;
+      lr 1e6 took it from 2.6 to 1.7e12 at step 2);
+    * before the running median has ``warmup_steps`` of history: a loss more than (``early_factor`` - 1) x |m0|
+      above m0, the median of the first ``early_steps`` losses, for ``patience`` steps in a row;
+    * after: a loss more than (``factor`` - 1) x |median| above its running median (over the last ``window`` steps)
+      for ``patience`` steps in a row: above ``factor`` x the median for the usual positive loss, and still a rise,
+      not a fall, when terms make the loss negative (the dispersive loss is a log-mean-exp <= 0).
+
+    Either stops training with a one-line message. A non-finite loss stops at once, in the module, before the
+    weights are touched. Checkpoints written while the loss was running away are not the last good one.
     """
 
     def __init__(self, factor: PositiveFloat = 10.0, patience: PositiveInt = 20, window: PositiveInt = 200,
-                 warmup_steps: NonNegativeInt = 100):
+                 warmup_steps: NonNegativeInt = 100, ceiling: PositiveFloat = 1e4, early_factor: PositiveFloat = 100.0,
+                 early_steps: PositiveInt = 5):
         if factor <= 1:
             raise ConfigError("DivergenceGuard.factor", factor, "expected a factor > 1 of the running median")
+        if early_factor <= 1:
+            raise ConfigError("DivergenceGuard.early_factor", early_factor, "expected a factor > 1 of the first "
+                                                                           "steps' loss")
         self.factor, self.patience, self.window, self.warmup_steps = factor, patience, window, warmup_steps
+        self.ceiling, self.early_factor, self.early_steps = ceiling, early_factor, early_steps
         self.history: list[float] = []
+        self.first: list[float] = []  # the first early_steps healthy losses of the run (kept across resumes)
         self.above = 0
         self.good_checkpoint: Optional[str] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         value = float(loss.detach())
+        if value > self.ceiling:
+            raise TrainingStopped(
+                f"training diverged at step {trainer.global_step}: loss {value:.4g} is above DivergenceGuard.ceiling "
+                f"{self.ceiling:g}; " + last_good_checkpoint(trainer, self.good_checkpoint))
         if len(self.history) >= min(self.window, max(self.warmup_steps, 1)):
             median = float(np.median(self.history[-self.window:]))
-            limit = median + (self.factor - 1) * abs(median)
+            limit, reason = median + (self.factor - 1) * abs(median), \
+                f"its running median {median:.4g} + {self.factor:g} - 1 times its size"
+        elif len(self.first) >= self.early_steps:
+            start = float(np.median(self.first))
+            limit, reason = start + (self.early_factor - 1) * abs(start), \
+                f"the median {start:.4g} of the first {self.early_steps} steps + {self.early_factor:g} - 1 times its size"
+        else:
+            limit = None
+        if limit is not None:
             self.above = self.above + 1 if value > limit else 0
             if self.above >= self.patience:
                 raise TrainingStopped(
                     f"training diverged at step {trainer.global_step}: loss {value:.4g} stayed above {limit:.4g} "
-                    f"(its running median {median:.4g} + {self.factor:g} - 1 times its size) for {self.patience} "
-                    "steps; " + last_good_checkpoint(trainer, self.good_checkpoint))
+                    f"({reason}) for {self.patience} steps; " + last_good_checkpoint(trainer, self.good_checkpoint))
         if self.above == 0:  # only steps that look healthy enter the median
             self.history = (self.history + [value])[-self.window:]
+            if len(self.first) < self.early_steps:
+                self.first.append(value)
             checkpoint = trainer.checkpoint_callback
             self.good_checkpoint = getattr(checkpoint, "last_model_path", None) or self.good_checkpoint
 
@@ -480,10 +562,69 @@ class DivergenceGuard(pl.Callback):
         return self.above > 0
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "above": self.above}
+        return {"history": list(self.history), "above": self.above, "first": list(self.first)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history, self.above = list(state_dict.get("history", [])), int(state_dict.get("above", 0))
+        self.first = list(state_dict.get("first", self.history[:self.early_steps]))
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM and SIGINT end training at the end of the current step, the way Lightning ends it on SIGTERM.
+
+    Lightning's signal connector installs its SIGTERM handler when fit starts: it sets ``trainer.received_sigterm``
+    (and forwards the signal to the processes its launcher started), and the loops raise ``SIGTERMException`` after
+    the step in progress. Left alone, SIGINT raises KeyboardInterrupt wherever the code is, inside an optimiser step
+    too, and Lightning then exits with code 1; here it goes to that same handler, so both stop between steps
+    (``Checkpoint`` saves last.ckpt at that step). Outside the training loop (setup, reference statistics, the final
+    grid) a signal stops at once, as a KeyboardInterrupt or a SIGTERMException; a second SIGINT always does.
+    ``received``: the first signal's name, which the CLI reports and turns into the exit code. SIGUSR1 is left to
+    Lightning: on SLURM it saves an hpc checkpoint and requeues the job.
+
+    The CLI adds this callback to every trainer and calls ``trainer.fit`` inside ``listening()``."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.in_loop = False
+        self._forwarding = False
+
+    @contextlib.contextmanager
+    def listening(self):
+        """Handle SIGTERM and SIGINT while fit runs (installed before Lightning's, which calls this one too)."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for number in previous:
+            signal.signal(number, self._handle)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self._forwarding:  # Lightning's handler calling this one back (it was SIGTERM's handler before it)
+            return
+        first = self.received is None
+        self.received = self.received or signal.Signals(number).name
+        if not self.in_loop or (number == signal.SIGINT and not first):
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SIGTERMException()
+        lightning = signal.getsignal(signal.SIGTERM)
+        if number == signal.SIGINT and callable(lightning) and lightning != self._handle:
+            self._forwarding = True
+            try:
+                lightning(number, frame)
+            finally:
+                self._forwarding = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.in_loop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.in_loop = False
 
 
 def last_good_checkpoint(trainer, path: Optional[str] = None) -> str:

@@ -43,6 +43,30 @@ class TrainingStopped(RuntimeError):
     """A run stopped on purpose (divergence, too many unreadable samples); ``str(err)`` is one line that says why and
     which checkpoint to resume from. The command dispatcher prints it as ``error: ...`` (exit code 1)."""
 
+    exit_code = 1
+
+
+class NothingToTrain(Exception):
+    """`--ckpt_path` names a run that has already trained ``trainer.max_steps`` steps; ``str(err)`` says so in one line
+    and how to extend it, ``checkpoint`` is the run's last checkpoint. Not an error: the command dispatcher prints it
+    and exits 0."""
+
+    def __init__(self, line: str, checkpoint: str):
+        super().__init__(line)
+        self.checkpoint = checkpoint
+
+
+class Interrupted(TrainingStopped):
+    """A run stopped by a signal (SIGTERM from a scheduler, SIGINT from Ctrl-C) after saving where it stopped; exit code
+    128 + the signal's number (143, 130), as a shell reports a process the signal ended, so a scheduler or torchrun
+    never reads it as success."""
+
+    def __init__(self, signal_name: str, line: str):
+        import signal
+
+        super().__init__(line)
+        self.exit_code = 128 + int(getattr(signal, signal_name))
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -71,6 +71,32 @@ def check_launch(devices: Any, num_nodes: Any, env: Mapping[str, str] = os.envir
                           f"set trainer.num_nodes to {layout['nodes']}")
 
 
+def check_device(device: str, field: str) -> None:
+    """A torch device this machine has (cpu, cuda, cuda:<index> of a visible GPU), or a one-line ConfigError."""
+    allowed = "expected cpu, cuda or cuda:<index> of a visible GPU"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(field, device, allowed) from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available()
+                                  or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(field, device, f"{allowed}; this machine has {torch.cuda.device_count()} usable GPU(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(field, device, allowed)
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """A GPU asked for on a machine without one: a one-line ConfigError naming ``trainer.accelerator`` (Lightning
+    would stop with a traceback from inside the Trainer)."""
+    name = getattr(accelerator, "class_path", accelerator)
+    name = str(name).rsplit(".", 1)[-1].lower() if name is not None else "auto"
+    if name in ("gpu", "cuda", "cudaaccelerator") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator", name, "this machine has no usable CUDA GPU "
+                          "(torch.cuda.is_available() is False); use cpu or auto")
+    if name in ("mps", "mpsaccelerator") and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator", name, "this machine has no Apple MPS device; use cpu or auto")
+
+
 class BuildGroup:
     """Rank, world size and a gloo process group for a command launched by torchrun (one process otherwise).
 

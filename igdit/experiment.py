@@ -6,22 +6,26 @@ Any config field can be overridden on the command line with its dotted path, e.g
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from igdit.checkpoints import read_checkpoint
+from igdit.callbacks import StopOnSignal
+from igdit.checkpoints import AtomicCheckpointIO, checkpoint_step, newest_checkpoint
 from igdit.compat import mlflow_experiment_name, mlflow_tracking_uri
-from igdit.config import ConfigError
+from igdit.config import ConfigError, Interrupted
 from igdit.data import LatentDataModule
-from igdit.distributed import check_launch
+from igdit.distributed import check_accelerator, check_launch
 from igdit.module import IGDiTModule
-from igdit.tracking import RunConfigSaver, run_directory
+from igdit.resume import resolve_resume
+from igdit.tracking import MLflowLogger, RunConfigSaver, check_store, run_directory
 
 
 class IGDiTCLI(LightningCLI):
@@ -42,7 +46,8 @@ class IGDiTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Lightning's Trainer with igdit's own run bookkeeping: the last step's losses logged whatever
         log_every_n_steps is, evaluations of a checkpoint logged at its step, a model summary without the FLOPs
-        column Lightning cannot fill (and with the FLOPs of a training step)."""
+        column Lightning cannot fill (and with the FLOPs of a training step); checkpoints written atomically
+        (``AtomicCheckpointIO``) and SIGTERM/SIGINT answered (``StopOnSignal``)."""
         from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 
         from igdit.callbacks import FinalStepMetrics, ModelSummary, StepFromCheckpoint
@@ -55,6 +60,10 @@ class IGDiTCLI(LightningCLI):
         # Lightning keeps checkpoint callbacks last (they save what the others have done): igdit's go before them
         first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, ModelCheckpoint)), len(callbacks))
         trainer.callbacks = callbacks[:first_checkpoint] + own + callbacks[first_checkpoint:]
+        # checkpoints written whole (a CheckpointIO plugin the config gives stays), and signals answered
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(StopOnSignal())
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -62,10 +71,16 @@ class IGDiTCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or {}
         check_launch(trainer.get("devices"), trainer.get("num_nodes"))
+        check_accelerator(trainer.get("accelerator"))
+        if self.subcommand == "fit" and trainer.get("max_steps") != -1 and not (
+                isinstance(trainer.get("max_steps"), int) and trainer.get("max_steps") >= 1):
+            raise ConfigError("trainer.max_steps", trainer.get("max_steps"), "expected the number of optimizer steps "
+                              "to train, >= 1 (or -1: until trainer.max_epochs)")
         if "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True  # a checkpoint never runs code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
         if config.get("ckpt_path") is not None:
-            config["ckpt_path"] = resolve_resume(config)
+            resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+            config["ckpt_path"] = resolve_resume(config, resolved, training=self.subcommand == "fit")
 
     def before_fit(self) -> None:
         # Shapes, the world and the callbacks' settings first: a mismatch must stop before anything (an MLflow run
@@ -77,8 +92,15 @@ class IGDiTCLI(LightningCLI):
         for callback in trainer.callbacks:
             if hasattr(callback, "check"):
                 callback.check(trainer, self.model)
+        # a teacher or an encoder's weights that cannot be read or do not fit: refused before the run exists
+        self.model.load_frozen_networks(self.datamodule)
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: no subcommand
         resuming = config.get("ckpt_path") is not None
+        logger = trainer.logger
+        if isinstance(logger, MLflowLogger) and trainer.is_global_zero:  # last: the run is created next
+            from_environment = os.environ.get("MLFLOW_TRACKING_URI") == logger._tracking_uri
+            check_store(logger._tracking_uri, "MLFLOW_TRACKING_URI" if from_environment
+                        else "trainer.logger.init_args.tracking_uri")
         for checkpoint in trainer.checkpoint_callbacks:
             if checkpoint.dirpath is None:
                 # Each run gets its own folder, so no run can overwrite another run's checkpoints.
@@ -88,9 +110,44 @@ class IGDiTCLI(LightningCLI):
                 raise ConfigError("ModelCheckpoint.dirpath", checkpoint.dirpath, "already holds checkpoints of "
                                   "another run; choose an empty folder (nothing is deleted)")
 
+    def fit(self, model, **kwargs) -> None:
+        """``trainer.fit`` (the LightningCLI calls this method in its place), with signals and refusals answered:
+        SIGTERM/SIGINT end the run as KILLED after last.ckpt holds the step they stopped at (``Interrupted``: one
+        line, exit code 128 + the signal); a config refused once fit started leaves a reopened run as it was."""
+        trainer = self.trainer
+        stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSignal))
+        with stop.listening():
+            try:
+                trainer.fit(model, **kwargs)
+            except ConfigError:
+                if isinstance(trainer.logger, MLflowLogger):
+                    trainer.logger.restore_status()
+                raise
+            except (SIGTERMException, KeyboardInterrupt, SystemExit):
+                # Lightning ends a SIGTERM as a SystemExit (exit code 0) and a KeyboardInterrupt as sys.exit(1)
+                if stop.received is None:
+                    raise
+                if isinstance(trainer.logger, MLflowLogger):
+                    trainer.logger.close_as("KILLED")
+                raise Interrupted(stop.received, interruption_line(trainer, stop.received)) from None
+
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print(run_summary(self.trainer), flush=True)
+
+
+def interruption_line(trainer, name: str) -> str:
+    """What a run stopped by a signal says: where it stopped, what holds that step, how to continue."""
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if getattr(c, "save_last", False)), None)
+    last = Path(checkpoint.last_model_path) if checkpoint is not None and checkpoint.last_model_path else None
+    if last is None or not last.is_file():
+        last = newest_checkpoint(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
+    step = checkpoint_step(last) if last is not None else None
+    saved = f"{last} holds step {step}" if step is not None else "no checkpoint was written yet"
+    run = f" (MLflow run {trainer.logger.run_id} marked KILLED)" if isinstance(trainer.logger, MLflowLogger) and \
+        trainer.is_global_zero else ""
+    return (f"stopped by {name} at step {trainer.global_step}{run}; {saved}; continue with the same command and "
+            "--ckpt_path last" + ("" if step is not None else " (it starts anew)"))
 
 
 def run_summary(trainer) -> str:
@@ -169,42 +226,3 @@ def experiment_config(config: str, overrides: list[str] = ()) -> dict:
     printed = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     printed.pop("config", None)  # the file it came from, which the caller names itself
     return printed
-
-
-def resolve_resume(config) -> Optional[str]:
-    """The checkpoint ``ckpt_path`` means, and the run it continues.
-
-    ``last``: the newest ``last.ckpt`` of this experiment's runs (<trainer.default_root_dir>/<experiment>/*/checkpoints/,
-    or of the run ``trainer.logger.init_args.run_id`` names), or a newer checkpoint Lightning saved when SLURM
-    pre-empted the job (<trainer.default_root_dir>/hpc_ckpt_*.ckpt); none yet: a fresh start, as Lightning does. A file: read
-    safely (weights only) and checked. Either way the MLflow logger reopens the run the checkpoint belongs to, so
-    the resumed run writes into the same run and folder. Other values (``best``, ``hpc``) are Lightning's."""
-    ckpt_path = config["ckpt_path"]
-    logger = config.get("trainer.logger")
-    init_args = getattr(logger, "init_args", None) if str(getattr(logger, "class_path", "")).endswith(
-        "MLflowLogger") else None
-    run_id = getattr(init_args, "run_id", None) if init_args is not None else None
-    if ckpt_path == "last":
-        experiment = getattr(init_args, "experiment_name", None) or "igdit"
-        root = Path(config.get("trainer.default_root_dir") or ".")
-        folder = root / experiment
-        found = list(folder.glob(f"{run_id or '*'}/checkpoints/last.ckpt"))
-        # what Lightning saves on SLURM's pre-emption signal (SIGUSR1) before it requeues the job, if it is ours
-        found += [p for p in root.glob("hpc_ckpt_*.ckpt") if _belongs_to(p, experiment, run_id)]
-        found.sort(key=lambda p: p.stat().st_mtime)
-        if not found:
-            print(f"--ckpt_path last: no run of {experiment!r} under {folder} has a last.ckpt yet; starting a new run",
-                  flush=True)
-            return None
-        ckpt_path = str(found[-1])
-    elif ckpt_path in ("best", "hpc", "registry"):
-        return ckpt_path
-    run = read_checkpoint(ckpt_path, "ckpt_path").get("igdit_run") or {}
-    if init_args is not None and run_id is None and run.get("run_id"):
-        init_args.run_id = run["run_id"]
-    return ckpt_path
-
-
-def _belongs_to(checkpoint: Path, experiment: str, run_id: Optional[str]) -> bool:
-    run = read_checkpoint(checkpoint, "ckpt_path").get("igdit_run") or {}
-    return run.get("experiment") == experiment and run_id in (None, run.get("run_id"))

@@ -1,6 +1,7 @@
 """Turning generated latents into pictures a person can look at: one grid function for every sample grid."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -83,10 +84,16 @@ def label_grid(grid: Image.Image, row_labels: list[str], block_labels: list[str]
     return out
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Save a PNG, refusing to replace an existing file (run outputs are never overwritten)."""
+def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> Path:
+    """Save a PNG, refusing to replace an existing file (run outputs are never overwritten) unless ``overwrite`` (a
+    run's own end-of-run grid, written again when the run is extended): then the new file replaces the old one whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+        return path
     with open(path, "xb") as handle:
         image.save(handle, format="PNG")
     return path

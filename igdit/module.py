@@ -89,7 +89,8 @@ class IGDiTModule(pl.LightningModule):
         transport = TransportConfig(**transport) if isinstance(transport, dict) else transport
         self.transport = Transport(**asdict(transport))
         self.objective.attach(backbone, self.transport)
-        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.optimizer_factory = SharedOnCopy(optimizer)
+        self.lr_scheduler_factory = None if lr_scheduler is None else SharedOnCopy(lr_scheduler)
         self.class_dropout = float(class_dropout)
         self.compile_backbone = compile
         self.data_meta: Optional[dict] = None  # the shards' meta.json, kept in checkpoints for decoding
@@ -97,6 +98,7 @@ class IGDiTModule(pl.LightningModule):
         # resumed run draws what the uninterrupted one would have, whatever else consumed the global RNG.
         self.train_generator: Optional[torch.Generator] = None
         self._generator_state: Optional[torch.Tensor] = None
+        self._frozen_loaded = False
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -125,13 +127,23 @@ class IGDiTModule(pl.LightningModule):
                     raise ConfigError(f"model.terms.{term.name}", type(term).__name__,
                                       "its teacher is the EMA model: add "
                                       "lightning.pytorch.callbacks.EMAWeightAveraging to trainer.callbacks")
-                term.setup(self.device, datamodule)
+            self.load_frozen_networks(datamodule)
             frozen = {f"{term.name}.{key}": value for term in self.objective.values()
                       for key, value in term.frozen_networks().items()}
             if frozen:  # what the frozen networks were loaded from, in place of their weights
                 self.hparams["frozen_networks"] = frozen
                 if self._trainer is not None and self.logger is not None:  # Lightning logs hparams as first saved
                     self.logger.log_hyperparams({"frozen_networks": frozen})
+
+    def load_frozen_networks(self, datamodule=None) -> None:
+        """Every term's setup, once: load and check what it reads from disk (a stage-1 teacher, an encoder's weights).
+        `igdit fit` calls it before the run is created, so a teacher that is unreadable or does not fit is refused
+        before anything is written; ``setup`` calls it on every other path (a sweep trial, ``igdit validate``)."""
+        if self._frozen_loaded:
+            return
+        for term in self.objective.values():
+            term.setup(self.device, datamodule)
+        self._frozen_loaded = True
 
     def _averaging(self) -> Optional[WeightAveraging]:
         """The trainer's weight-averaging callback (EMAWeightAveraging), if any."""
@@ -233,6 +245,24 @@ class IGDiTModule(pl.LightningModule):
         self._generator_state = checkpoint.get("igdit_train_generator")
         if self.train_generator is not None and self._generator_state is not None:
             self.train_generator.set_state(self._generator_state)
+
+
+class SharedOnCopy:
+    """A callable (the optimiser or LR-scheduler factory) that a deep copy of the module shares instead of copying.
+
+    EMAWeightAveraging deep-copies the whole module. The Lightning CLI's factories are partials holding its
+    instantiator, which reaches the CLI, its trainer and, under Lightning's own DDP launcher (``trainer.devices 2``
+    without torchrun), the launcher's child processes and their locks: the copy failed with "cannot pickle
+    '_thread.lock' object". A factory holds no state to average, so the copy may share it."""
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def __call__(self, *args, **kwargs):
+        return self.factory(*args, **kwargs)
+
+    def __deepcopy__(self, memo) -> "SharedOnCopy":
+        return self
 
 
 def build_module(config: dict) -> IGDiTModule:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from igdit.checkpoints import load_failure
 from igdit.config import ConfigError
 from igdit.data.encoders import LatentNormalizer, build_encoder, load_latent_stats
 from igdit.models import BACKBONES, Backbone, LightningDiT, SiT
@@ -135,9 +135,9 @@ def load_official(path: str | Path, fmt: str = "official-sit", weights: str = DE
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(source, str(path), f"could not be read with torch.load(weights_only=True): {first}") from None
+    except Exception as err:  # any file that is not a whole, safe torch checkpoint (a text file fails with KeyError)
+        raise ConfigError(source, str(path), f"could not be read with torch.load(weights_only=True): "
+                                             f"{load_failure(err)}") from None
 
     if _is_state_dict(obj):
         if weights != DEFAULT_WEIGHTS:

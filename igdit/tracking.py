@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from igdit.compat import mlflow_experiment_name
+from igdit.config import ConfigError
 
 VERSIONED = ("igdit", "torch", "lightning", "mlflow", "optuna", "numpy", "scipy")
 
@@ -46,6 +47,33 @@ def open_store(uri: str) -> None:
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(database) + ".lock"):
         MlflowClient(uri).search_experiments(max_results=1)
+
+
+def check_store(uri: str, field: str = "trainer.logger.init_args.tracking_uri") -> None:
+    """Open the tracking store a run is about to log into, or stop with a one-line ConfigError instead of a traceback
+    from deep inside MLflow (a sqlite file it cannot create) or minutes of retries (a server nobody answers at).
+    Called right before the run is created, so a store that opens is one the run would have created anyway."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:  # any HTTP answer means a server is there; MLflow itself would retry for minutes
+            requests.get(uri.rstrip("/") + "/health", timeout=10)
+        except requests.RequestException as err:
+            raise ConfigError(field, uri, f"no MLflow server answers there ({type(err).__name__}); start it "
+                                          "(mlflow server --host 0.0.0.0 --port 5000) or log locally by leaving "
+                                          "tracking_uri out (sqlite mlflow.db)") from None
+        return
+    try:
+        if uri.startswith("sqlite:///"):
+            open_store(uri)
+        else:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # sqlite3/SQLAlchemy/MLflow errors: the store cannot be opened or created there
+        reason = (" ".join(str(err).split()) or type(err).__name__).split(" (Background on this error")[0][:200]
+        raise ConfigError(field, uri, f"the MLflow store cannot be opened ({reason}); point it at a folder this user "
+                                      "can write (sqlite:///<folder>/mlflow.db) or at a tracking server") from None
 
 
 def open_experiment(tracking_uri: Optional[str], name: str):
@@ -174,7 +202,8 @@ def trainer_params(config: dict, trainer=None) -> dict[str, Any]:
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger with igdit's defaults (sqlite store in the project folder).
 
-    experiment_name: MLflow experiment; run_name: optional run name (default: unique per run); tracking_uri: None
+    experiment_name: MLflow experiment; run_name: optional prefix of the run's name (made unique per run with the
+    date and a random suffix; default: the experiment name); tracking_uri: None
     for $MLFLOW_TRACKING_URI or the local sqlite store, or e.g. "http://mlflow.cluster:5000"; artifact_location:
     where a NEW experiment keeps artifacts (default: mlartifacts/ beside a sqlite store, a server's own root);
     run_id: log into this existing run (a resumed run is marked RUNNING again, then FINISHED). Nothing is created
@@ -186,8 +215,8 @@ class MLflowLogger(MLFlowLogger):
                  tags: Optional[dict[str, Any]] = None, run_id: Optional[str] = None):
         tracking_uri = tracking_uri or default_tracking_uri()
         artifact_location = artifact_location or default_artifact_location(tracking_uri)
-        if run_name is None and run_id is None:
-            run_name = unique_run_name(experiment_name)
+        if run_id is None:  # a name a YAML fixes (st-stage2) names every run of it: it becomes the prefix
+            run_name = unique_run_name(run_name or experiment_name)
         kwargs = dict(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
                       artifact_location=artifact_location, tags=tags, log_model=False, run_id=run_id)
         # Lightning's constructor opens the store (and creates a sqlite file) at once; here the client is made when
@@ -226,9 +255,26 @@ class MLflowLogger(MLFlowLogger):
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = before
             if self._run_id is not None and client.get_run(self._run_id).info.status != "RUNNING":
+                self.status_before = client.get_run(self._run_id).info.status
                 client.update_run(self._run_id, status="RUNNING")  # a resumed run is running again
             return client
         return MLFlowLogger.experiment.fget(self)
+
+    status_before: Optional[str] = None  # the status of a run this logger reopened, before it was running again
+
+    @rank_zero_only
+    def restore_status(self) -> None:
+        """A command refused before training (a config error found at start): the run it reopened gets back the
+        status it had (a FINISHED run stays FINISHED), instead of the FAILED that Lightning's exception handling
+        left."""
+        if self._initialized and self.status_before is not None:
+            self.experiment.update_run(self._run_id, status=self.status_before)
+
+    @rank_zero_only
+    def close_as(self, status: str) -> None:
+        """End the run with an MLflow status of Lightning's choice of none: KILLED for a run stopped by a signal."""
+        if self._initialized:
+            self.experiment.set_terminated(self._run_id, status)
 
 
 class _NoClient:

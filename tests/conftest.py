@@ -1,8 +1,35 @@
+import os
+import random
+import zlib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Variables that point MLflow or Optuna somewhere (a tracking server, a store, credentials, retries): a user's shell
+# may export them, and a test must never reach what they name nor depend on them.
+OUTSIDE_VARIABLES = ("MLFLOW_", "OPTUNA_")
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_environment(monkeypatch):
+    """Every test starts without the user's MLFLOW_* / OPTUNA_* variables (MLFLOW_TRACKING_URI above all)."""
+    for name in [n for n in os.environ if n.startswith(OUTSIDE_VARIABLES)]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state(request):
+    """Every test draws from the same seeded torch, numpy and random states, whatever ran before it and in whatever
+    order the tests run (the seed comes from the test's own name, so tests stay independent of each other)."""
+    import numpy as np
+    import torch
+
+    seed = zlib.crc32(request.node.nodeid.split("::", 1)[-1].encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 @pytest.fixture(autouse=True)

@@ -59,3 +59,20 @@ def test_two_process_ddp_run_finishes_with_identical_ema_weights_and_disjoint_sa
         assert len(set(report["seen"])) == len(report["seen"])  # 8 of an epoch's 12 steps: nothing read twice
         assert all(shard_of[d] and all(i % 2 == rank for i in shard_of[d]) for d in report["seen"])
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # the two ranks read disjoint samples
+
+
+@pytest.mark.slow
+def test_two_devices_on_cpu_without_torchrun_train_with_lightnings_own_launcher(digits_root, tmp_path):
+    """`igdit fit --trainer.devices 2` on a CPU machine: Lightning starts the second process itself (DDP over gloo).
+    It failed after 242 lines ("cannot pickle '_thread.lock' object") when the EMA copy of the module was made."""
+    config = short_config(tmp_path / "c.yaml", max_steps=4, every=4, samples_per_class=1, grid_steps=2,
+                          limit_val_batches=1)
+    cmd = [sys.executable, "-m", "igdit.cli", "fit", "--config", str(config), "--data.root", str(digits_root),
+           "--trainer.devices", "2", "--trainer.default_root_dir", str(tmp_path / "runs"),
+           "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("== igdit run finished ==") == 1
+    last = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4

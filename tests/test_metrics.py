@@ -278,6 +278,26 @@ def test_eval_scores_an_adm_npz_against_a_data_folder(digits_root, tmp_path, cap
     assert "needs the data folder" in capsys.readouterr().err  # the digits network lives beside the shards
 
 
+def test_eval_refuses_a_reference_of_other_images_than_the_samples(digits_root, tmp_path, capsys):
+    """RGB noise scored against the digits printed a plausible fd_digits 0.65."""
+    from igdit.cli import main
+
+    rng = np.random.default_rng(0)
+    val = _images(digits_root, "val").expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    cases = {
+        "colour.npz": ({"arr_0": rng.integers(0, 256, (180, 8, 8, 3), dtype=np.uint8)}, "holds grey (1-channel) images"),
+        "size.npz": ({"arr_0": np.repeat(np.repeat(val, 4, 1), 4, 2)}, "holds 8x8 images and"),
+        "source.npz": ({"arr_0": val, "source": np.str_("imagefolder:/data/cats")}, "was built from 'digits'"),
+    }
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        assert main(["eval", "--npz", str(tmp_path / name), "--ref", str(digits_root)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --ref: ") and message in err[0], (name, err)
+    np.savez(tmp_path / "same.npz", arr_0=val, source=np.str_("digits"))  # what `igdit sample` writes for digits
+    assert main(["eval", "--npz", str(tmp_path / "same.npz"), "--ref", str(digits_root), "--split", "val"]) == 0
+
+
 @pytest.mark.parametrize("content,message", [("not an npz", "could not be read"), (None, "is not a file")])
 def test_eval_refuses_a_bad_sample_file_with_one_line(content, message, digits_root, tmp_path, capsys):
     from igdit.cli import main

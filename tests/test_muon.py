@@ -147,15 +147,24 @@ def test_lr_ratio_is_the_product_of_both_official_scalings():
     assert muon_lr_ratio(1152, 3072, "official") == pytest.approx(0.2 * math.sqrt(3072))
     assert muon_lr_ratio(3456, 1152, "match_rms_adamw") == pytest.approx(0.2 * math.sqrt(3456))
     assert muon_lr_ratio(3456, 1152, "original") == pytest.approx(math.sqrt(3))
-    # the update size realised on a tall matrix: |delta| = lr * ratio * |NS(G)| (no weight decay, first step)
-    p = torch.nn.Parameter(torch.randn(12, 3))
-    p.grad = torch.randn(12, 3)
+    # the update size realised on a tall matrix: |delta| = lr * ratio * |NS(G)| (no weight decay, first step).
+    # The optimiser's Newton-Schulz runs in bfloat16, so |NS(G)| matches the float32 reference within a few per
+    # cent, by an amount that depends on G (up to 4.5% over 40 draws): the seeded draw below is within 2%, and the
+    # three scalings, which share one NS(G), must stand to each other exactly as their ratios do.
+    generator = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(12, 3, generator=generator))
+    p.grad = torch.randn(12, 3, generator=generator)
     before = p.detach().clone()
+    sizes = {}
     for adjust in ("official", "match_rms_adamw", "original"):
         p.data.copy_(before)
         MuonWithAuxAdam([p], lr=0.01, weight_decay=0.0, nesterov=False, momentum=0.0, adjust_lr=adjust).step()
-        ratio = ((p.detach() - before).norm() / (0.01 * official_ns(p.grad).norm())).item()
+        sizes[adjust] = (p.detach() - before).norm().item()
+        ratio = sizes[adjust] / (0.01 * official_ns(p.grad).norm()).item()
         assert ratio == pytest.approx(muon_lr_ratio(12, 3, adjust), rel=2e-2)
+    for adjust in ("official", "match_rms_adamw"):
+        assert sizes[adjust] / sizes["original"] == pytest.approx(
+            muon_lr_ratio(12, 3, adjust) / muon_lr_ratio(12, 3, "original"), rel=1e-3)
 
 
 def test_muon_decreases_a_toy_loss():

@@ -232,6 +232,18 @@ def test_an_invalid_sweep_file_gets_a_one_line_error_naming_the_field(change, fi
     assert line.startswith(f"error: {field}:") and "\n" not in line
 
 
+def test_a_training_sweep_over_exit_blocks_the_backbone_lacks_is_refused_when_it_loads(tmp_path, digits_root, capsys):
+    """exits 0..6 on a 6-block SiT-T/2 was accepted, and the trials at 0 and 6 failed at run time."""
+    from igdit.cli import main
+
+    space = {"model.backbone.exits": {"type": "int", "low": 0, "high": 6, "as_list": True}}
+    path = _sweep(tmp_path, digits_root, kind="training", search_space=space, train={"max_steps": 20})
+    assert main(["sweep", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: search_space.model.backbone.exits: 0 is not allowed; a trial could draw it") \
+        and "model.backbone.exits" in line.split("refuses it: ", 1)[1] and "\n" not in line
+
+
 def test_the_shipped_sweeps_load_and_name_their_base_experiment(monkeypatch):
     monkeypatch.chdir(REPO)  # paths in sweep files are relative to the repository root, where make runs
     # every sweep searches the default experiment unless it studies a method with its own experiment

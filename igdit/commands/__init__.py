@@ -14,7 +14,7 @@ import warnings
 from jsonargparse import ArgumentError
 
 from igdit.commands.helpcache import answer_help, is_plain_help
-from igdit.config import ConfigError, TrainingStopped, config_error_in, one_line
+from igdit.config import ConfigError, NothingToTrain, TrainingStopped, config_error_in, one_line
 
 # subcommand -> (module under igdit.commands, what it does)
 COMMANDS = {
@@ -108,6 +108,19 @@ def _run(args: list[str], argv: list[str] | None) -> int:
             raise
         print("error: " + one_line(wrapped), file=sys.stderr)
         return 2
+    except NothingToTrain as err:
+        print(str(err), flush=True)
+        return 0
     except TrainingStopped as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 1
+        print("error: " + stopped_line(err), file=sys.stderr)
+        return err.exit_code
+
+
+def stopped_line(err: TrainingStopped) -> str:
+    """The one line of a stopped run. Raised in a DataLoader worker, the error comes back re-created around the
+    worker's whole traceback ("Caught TrainingStopped in DataLoader worker process 0. Original Traceback ..."): its
+    last line is the message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

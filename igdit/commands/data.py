@@ -118,7 +118,9 @@ def main(argv: list[str]) -> int:
             print(f"{args.verify.root}/{problem}")
         meta = load_meta(args.verify.root)
         total = sum(meta["num_shards"].values())
-        print(f"{'FAILED' if problems else 'ok'}: {total - len(problems)} of {total} shards as built")
+        extra = sum("not listed in meta.json" in p for p in problems)
+        print(f"{'FAILED' if problems else 'ok'}: {total - len(problems) + extra} of {total} shards as built"
+              + (f"; {extra} shard file(s) meta.json does not list" if extra else ""))
         return 1 if problems else 0
     if args.command == "build":
         a = args.build

@@ -56,6 +56,53 @@ def load_sample_file(path: str, field: str = "--npz"):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
+def _stored_array_shape(path: str, name: str) -> Optional[tuple]:
+    """The shape of array ``name`` in an .npz, read from its header (a reference batch of 10,000 256x256 images is
+    2 GB: not read for this), or None when it has none."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(read(member)[0])
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def check_reference_matches(images, npz: str, ref: str, datamodule) -> None:
+    """The samples (uint8 (N, 3, H, W)) and the reference must show the same kind of images: the same size, no
+    colour against a grey data set, and the same source when the sample file names it (`igdit sample` records it).
+    A Fréchet distance across data sets is a number that means nothing (RGB noise against the digits scored a
+    plausible 0.65)."""
+    import numpy as np
+
+    height, width = images.shape[-2:]
+    grey = bool((images[:, :1] == images[:, 1:]).all())
+    if datamodule is not None:
+        channels, ref_height, ref_width = datamodule.meta["image_shape"]
+        source = datamodule.meta.get("source")
+    else:
+        shape = _stored_array_shape(ref, "arr_0")  # the ADM suite's reference batches carry their images
+        channels, ref_height, ref_width, source = 3, *(shape[1:3] if shape and len(shape) == 4 else (None, None)), None
+    if ref_height is not None and (ref_height, ref_width) != (height, width):
+        raise ConfigError("--ref", ref, f"holds {ref_height}x{ref_width} images and {npz} {height}x{width} samples; "
+                                        "score samples against the data set their model learned")
+    if channels == 1 and not grey:
+        raise ConfigError("--ref", ref, f"holds grey (1-channel) images and {npz} colour samples; score samples "
+                                        "against the data set their model learned")
+    try:
+        stored = np.load(npz)
+        sampled = str(stored["source"]) if "source" in stored.files else None
+    except (OSError, ValueError):
+        sampled = None
+    if sampled is not None and source is not None and sampled != source:
+        raise ConfigError("--ref", ref, f"was built from {source!r} and {npz} sampled a model of {sampled!r}; score "
+                                        "samples against the data set their model learned")
+
+
 def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optional[str] = None,
                       inception_weights: Optional[str] = None, batch_size: int = 250) -> dict:
     """Fréchet distance (and IS on Inception) of a sample file against a data folder's split or a stats file.
@@ -70,6 +117,7 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
     if ref is None:
         raise ConfigError("--ref", ref, "pass a data folder or a reference .npz with mu and sigma")
     datamodule = LatentDataModule(root=ref) if Path(ref).is_dir() else None
+    check_reference_matches(images, npz, ref, datamodule)
     if feature is None:  # pixel-space data (the digits) has its own feature network; image data sets use Inception
         feature = "digits" if datamodule is not None and datamodule.meta["encoder"]["name"] == "identity" else "inception"
     evaluator = FrechetEvaluator(feature, datamodule, inception_weights, field="--feature",

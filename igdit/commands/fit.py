@@ -30,7 +30,7 @@ from jsonargparse.typing import import_object
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from igdit.commands.common import FILE_KINDS, config_files, yaml_kind
-from igdit.config import ConfigError, build, one_line
+from igdit.config import ConfigError, NothingToTrain, build, one_line
 from igdit.data import LatentDataModule
 from igdit.experiment import experiment_config, run_lightning_cli
 from igdit.module import build_module
@@ -188,7 +188,12 @@ def run_chain(stages: list[LoadedStage]) -> int:
         if stage.previous_checkpoint is not None:
             args = [a if a != PLACEHOLDER.format(i - 1) else previous for a in args]
             passed.append((i - 1, previous, i, stage.previous_checkpoint))
-        cli = run_lightning_cli(["fit", "--config", str(experiment), *args])
+        try:
+            cli = run_lightning_cli(["fit", "--config", str(experiment), *args])
+        except NothingToTrain as done:  # `--ckpt_path last` on a chain whose earlier stage had already finished
+            print(f"stage {i}: {done}", flush=True)
+            previous = done.checkpoint
+            continue
         zero = cli.trainer.is_global_zero
         previous = next((c.last_model_path for c in cli.trainer.checkpoint_callbacks
                          if getattr(c, "last_model_path", "")), None)

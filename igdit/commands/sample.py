@@ -26,6 +26,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from igdit.commands.common import add_config_option, refuse_misplaced_files, underscore_options
 from igdit.config import ConfigError, config_parser
+from igdit.distributed import check_device
 from igdit.generation import Sampling
 from igdit.guidance import RULES
 from igdit.presets import PRESETS
@@ -143,6 +144,7 @@ def main(argv: list[str]) -> int:
     if args.experiment is not None:
         check_experiment(args.experiment, read_checkpoint(args.ckpt)["hyper_parameters"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device, "--device")
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
@@ -167,7 +169,9 @@ def main(argv: list[str]) -> int:
         torch.distributed.barrier()
     if rank == 0:
         merged = merge_parts(out, world, args.num)
-        np.savez(out / "samples.npz", arr_0=merged, labels=labels.numpy())
+        # source: the data set the model learned (igdit eval --npz refuses a reference of another one)
+        source = {"source": np.str_(module.data_meta["source"])} if module.data_meta.get("source") else {}
+        np.savez(out / "samples.npz", arr_0=merged, labels=labels.numpy(), **source)
         grid = out / "samples.png"
         if args.overwrite and grid.exists():
             grid.unlink()

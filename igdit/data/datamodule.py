@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from igdit.config import ConfigError, TrainingStopped
 from igdit.data.encoders import LatentNormalizer
-from igdit.data.shards import MOMENTS_DTYPES, latent_format, load_meta
+from igdit.data.shards import MOMENTS_DTYPES, file_sha256, latent_format, load_meta
 
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,54 @@ def shard_subsets(num_shards: int, world_size: int, workers: int) -> list[list[i
             for rank in range(world_size) for worker in range(workers)]
 
 
+class ShardCheck:
+    """Each shard a process reads is checked once, as it is opened: its size and SHA-256 must be what meta.json
+    recorded when the build wrote it (a shard overwritten with zeros or random bytes otherwise trained silently, or
+    stopped as a "non-finite training loss"). Hashing reads the file once more per process, which the page cache
+    mostly absorbs; shards that meta.json does not describe (built before checksums, or named explicitly outside
+    data.root) are read as they are.
+
+    expected: {absolute path: (size in bytes or None, sha256 hex or None)}."""
+
+    verified: set = set()  # per process (a forked DataLoader worker inherits what its parent checked)
+
+    def __init__(self, root: str, expected: dict):
+        self.root, self.expected = root, expected
+
+    def __call__(self, url: str) -> None:
+        path = os.path.abspath(url)
+        size, digest = self.expected.get(path, (None, None))
+        if path in ShardCheck.verified or (size is None and digest is None):
+            return
+        actual = os.path.getsize(path)
+        problem = None
+        if size is not None and actual != size:
+            problem = f"is {actual} bytes, meta.json says {size}"
+        elif digest is not None and file_sha256(Path(path)) != digest:
+            problem = "does not hold the bytes the build wrote (its SHA-256 differs from meta.json's)"
+        if problem:
+            raise TrainingStopped(f"data: shard {url} {problem}; it changed after the build: restore or rebuild it "
+                                  f"(`igdit data verify {self.root}` lists every damaged shard)")
+        ShardCheck.verified.add(path)
+
+    def stage(self, src):
+        """A pipeline stage over WebDataset's shard dicts ({"url": ...}): checks each before it is read."""
+        for shard in src:
+            self(shard["url"])
+            yield shard
+
+
+class CheckedRead:
+    """Shard dicts -> raw samples: each shard checked (``ShardCheck``), then read by ``read`` (WebDataset's
+    tarfile_to_samples); one pipeline stage, picklable for spawned DataLoader workers."""
+
+    def __init__(self, check: ShardCheck, read):
+        self.check, self.read = check, read
+
+    def __call__(self, src):
+        return self.read(self.check.stage(src))
+
+
 class SkipCounter:
     """Samples a stream could not read (a damaged tar member, a latent of the wrong shape), counted across the
     DataLoader's worker processes (a shared value) and logged one by one with their shard and reason.
@@ -241,8 +289,10 @@ class RepeatShards(wds.PipelineStage):
     """
 
     def __init__(self, num_shards: int, seed: int, field: str, value, shuffle_buffer: int,
-                 expected_node: Optional[tuple] = None, resume: Optional[ResumePoint] = None, handler=None):
+                 expected_node: Optional[tuple] = None, resume: Optional[ResumePoint] = None, handler=None,
+                 check: Optional[ShardCheck] = None):
         self.handler = handler or wds.reraise_exception
+        self.check = check
         self.num_shards, self.seed, self.field, self.value = num_shards, seed, field, value
         self.shuffle_buffer = shuffle_buffer
         self.expected_node = expected_node  # (rank, world_size) the trainer reported, to catch a silent rank-0 fallback
@@ -267,7 +317,8 @@ class RepeatShards(wds.PipelineStage):
             random.Random(wds.utils.make_seed(self.seed, rank, role, self.passes)).shuffle(order)
             seed = wds.utils.make_seed(self.seed, rank, role, self.passes, 1)  # trailing 1: not the shard seed
             self.passes += 1
-            samples = wds.tarfile_to_samples(handler=self.handler)(iter(order))
+            opened = self.check.stage(iter(order)) if self.check is not None else iter(order)
+            samples = wds.tarfile_to_samples(handler=self.handler)(opened)
             count = 0
             for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples):
                 count += 1
@@ -294,9 +345,13 @@ class LatentDataModule(pl.LightningDataModule):
         no sample is read twice in an epoch; see the module docstring for when every sample is read).
     seed: base seed of the shard and sample shuffles.
     train_shards, val_shards: shard patterns overriding root/train-*.tar and root/val-*.tar.
-    max_skipped_fraction: a training run stops (one line) when more than this share of the samples it read could
-        not be read or decoded; every skip is counted (logged as ``data/skipped``) and reported with its shard and
-        reason, without WebDataset's half-second pause per skip.
+    max_skipped_fraction: a training run stops (one line) when its training stream could not read or decode more
+        than this share of the samples it read, counted against at least one epoch's training samples of the rank;
+        every skip (validation and FID reference reads included) is counted, logged as ``data/skipped`` and
+        reported with its shard and reason, without WebDataset's half-second pause per skip.
+
+    Every shard is checked against meta.json: its size when the module is built, its SHA-256 once per process when a
+    stream first opens it (``ShardCheck``); a train-/val-*.tar in root that meta.json does not list is refused.
     """
 
     def __init__(
@@ -325,13 +380,36 @@ class LatentDataModule(pl.LightningDataModule):
         self.train_urls = resolve_shards(train_shards, Path(self.root), "train", "data.train_shards")
         self.val_urls = resolve_shards(val_shards, Path(self.root), "val", "data.val_shards")
         for split, spec in (("train", train_shards), ("val", val_shards)):
-            if spec is None:  # the build's own shards: every one meta.json lists must be there
-                listed = [f"{split}-{i:06d}.tar" for i in range(self._meta["num_shards"][split])]
+            listed = [f"{split}-{i:06d}.tar" for i in range(self._meta["num_shards"][split])]
+            if spec is None:  # the build's own shards: every one meta.json lists must be there, and no other
                 missing = [name for name in listed if not (Path(self.root) / name).is_file()]
                 if missing:
                     raise ConfigError("data.root", self.root, f"misses {missing[0]} ({len(missing)} of {len(listed)} "
                                       f"{split} shards meta.json lists); restore it or rebuild the data")
-        self.skips = SkipCounter()
+            urls = self.train_urls if split == "train" else self.val_urls
+            inside = [u for u in urls if "://" not in u and os.path.dirname(os.path.abspath(u)) ==
+                      os.path.abspath(self.root)]
+            foreign = [os.path.basename(u) for u in inside if os.path.basename(u) not in listed]
+            if foreign:
+                field_ = "data.root" if spec is None else f"data.{split}_shards"
+                raise ConfigError(field_, self.root if spec is None else spec, f"holds {foreign[0]}, which "
+                                  f"{self.root}/meta.json does not list (it lists {len(listed)} {split} shards): a file "
+                                  "the build did not write; move it out of the folder or rebuild the data")
+            if spec is None:
+                urls[:] = [str(Path(self.root) / name) for name in listed]
+        if not self._meta["num_samples"]["train"] or not self._meta["num_samples"]["val"]:
+            raise ConfigError("data.root", self.root, f"holds {self._meta['num_samples']['train']} train and "
+                              f"{self._meta['num_samples']['val']} val samples (meta.json); every image of the build "
+                              "was unreadable: rebuild it from a source with readable images")
+        self.check = ShardCheck(self.root, self._expected_shards())
+        for url in self.train_urls + self.val_urls:  # sizes now (a stat each): a truncated shard stops before compute
+            size, _ = self.check.expected.get(os.path.abspath(url), (None, None))
+            if size is not None and os.path.getsize(url) != size:
+                raise ConfigError("data.root", self.root, f"holds {os.path.basename(url)} of {os.path.getsize(url)} "
+                                  f"bytes, meta.json says {size}: it changed after the build; restore or rebuild it "
+                                  f"(`igdit data verify {self.root}`)")
+        self.skips = SkipCounter()  # every sample any stream could not read (logged as data/skipped)
+        self.train_skips = SkipCounter()  # those of the training stream alone (data.max_skipped_fraction)
         self.max_skipped_fraction = float(max_skipped_fraction)
         self._normalizer = LatentNormalizer.from_dict(self._meta["normalizer"])
         self.latent_format = latent_format(self._meta)
@@ -378,6 +456,17 @@ class LatentDataModule(pl.LightningDataModule):
         return [known[os.path.basename(u)] if os.path.abspath(u) in in_root else max(1, round(average))
                 for u in self.train_urls]
 
+    def _expected_shards(self) -> dict:
+        """{absolute path of each shard meta.json describes: (size, sha256)} (None where the build did not record it)."""
+        out = {}
+        for split in ("train", "val"):
+            digests = self._meta.get("shard_sha256", {}).get(split) or []
+            sizes = self._meta.get("shard_bytes", {}).get(split) or []
+            for i in range(self._meta["num_shards"][split]):
+                path = os.path.abspath(os.path.join(self.root, f"{split}-{i:06d}.tar"))
+                out[path] = (sizes[i] if i < len(sizes) else None, digests[i] if i < len(digests) else None)
+        return out
+
     @property
     def steps_per_epoch(self) -> int:
         """Training batches per epoch on every rank (a multiple of the worker count, the same on every rank)."""
@@ -419,6 +508,14 @@ class LatentDataModule(pl.LightningDataModule):
             raise ConfigError("data.batch_size", self.batch_size, f"must be divisible by the world size {world_size} "
                               "(it is the global batch across all devices)")
         self._check_shard_count(world_size)
+        workers = max(1, self.num_workers)
+        smallest = min(sum(self.shard_samples[i] for i in subset)
+                       for subset in shard_subsets(len(self.train_urls), world_size, workers))
+        if self.batch_size // world_size > smallest:  # no reader could fill one batch: it would read forever
+            raise ConfigError("data.batch_size", self.batch_size, f"gives each of the {world_size} device(s) "
+                              f"{self.batch_size // world_size} samples per batch, and a reader ({world_size} rank(s) x "
+                              f"{workers} worker(s) share the {len(self.train_urls)} train shards) holds as few as "
+                              f"{smallest}; use at most {smallest * world_size}, or fewer data.num_workers")
         readers = world_size * max(1, self.num_workers)
         if len(self.train_urls) % readers:
             rank_zero_warn(f"{len(self.train_urls)} train shards do not divide among {world_size} rank(s) x "
@@ -441,17 +538,27 @@ class LatentDataModule(pl.LightningDataModule):
         """Raw tar samples -> (x, y) or (key, x, y). Posterior shards: a draw per read (``PosteriorDraws``),
         seeded per pass in training (the samples come from RepeatShards), per key otherwise."""
         posterior = self.latent_format == "posterior"
+        handler = self._train_skip if training else self.skips.handler
         decode = wds.map(partial(_to_tensors, latent_shape=self.latent_shape, with_keys=with_keys or (posterior and not training),
                                  header=npy_header(self.latent_shape, self.dtype), posterior=posterior,
-                                 dtype=self.dtype), handler=self.skips.handler)
-        stages = [] if training else [wds.tarfile_to_samples(handler=self.skips.handler)]
+                                 dtype=self.dtype), handler=handler)
+        stages = [] if training else [CheckedRead(self.check, wds.tarfile_to_samples(handler=handler))]
         stages.append(decode)
         if posterior:
             stages.append(PosteriorDraws(self.seed, keep_keys=with_keys))
         return stages
 
+    def _train_skip(self, exn: BaseException) -> bool:
+        self.train_skips.handler(exn)
+        with self.skips.count.get_lock():
+            self.skips.count.value += 1
+        return True
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Every training batch: log the skip count when it grew, and stop a run that skips too much."""
+        """Every training batch: log the skip count when it grew, and stop a run whose training stream skips more
+        than data.max_skipped_fraction of the samples it read, counted against at least one epoch's training samples
+        of this rank (a few damaged samples must not stop a run at its first step; the FID reference and feature
+        network read the data too, and their skips are logged, not counted here)."""
         trainer = self.trainer
         if trainer is not None and trainer.training:
             skipped = self.skips.skipped
@@ -459,13 +566,17 @@ class LatentDataModule(pl.LightningDataModule):
                 self._logged_skips = skipped
                 if trainer.logger is not None:
                     trainer.logger.log_metrics({"data/skipped": skipped}, step=trainer.global_step)
-            read = skipped + (trainer.global_step + 1) * self.per_device_batch_size
-            if skipped and skipped / read > self.max_skipped_fraction:
+            bad = self.train_skips.skipped
+            batches = (trainer.global_step + 1) * int(getattr(trainer, "accumulate_grad_batches", 1))
+            read = bad + batches * self.per_device_batch_size
+            epoch = math.ceil(self.num_train_samples / max(1, self._world_size))
+            if bad and bad / max(read, epoch) > self.max_skipped_fraction:
                 checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None)
                 raise TrainingStopped(
-                    f"{skipped} of {read} samples read so far could not be read (more than data.max_skipped_fraction "
-                    f"{self.max_skipped_fraction:g}; each is in the log with its shard); check the data with "
-                    f"`igdit data verify {self.root}`" + (f"; the last checkpoint is {checkpoint}" if checkpoint else ""))
+                    f"{bad} of {read} training samples read so far could not be read (more than "
+                    f"data.max_skipped_fraction {self.max_skipped_fraction:g} of {max(read, epoch)}, at least an "
+                    f"epoch; each is in the log with its shard); check the data with `igdit data verify {self.root}`"
+                    + (f"; the last checkpoint is {checkpoint}" if checkpoint else ""))
         return batch
 
     def state_dict(self) -> dict:
@@ -497,7 +608,7 @@ class LatentDataModule(pl.LightningDataModule):
             wds.split_by_node,  # the worker split is RepeatShards' (a resumed worker may play another's part)
             # reads the tars and shuffles raw bytes within each pass; decode only what leaves the buffer
             RepeatShards(len(self.train_urls), self.seed, field, value, self.shuffle_buffer, self._expected_node,
-                         resume, self.skips.handler),
+                         resume, self._train_skip, self.check),
             *self._decode_stages(with_keys, training=True),
         )
 

@@ -138,7 +138,8 @@ def _load_autoencoder(name: str, folder: Optional[str], hub_id: Optional[str]):
         _LOADED[key] = (vae.eval().requires_grad_(False), str(where))
         return _LOADED[key]
     hint = (f"download it once with `hf download {hub_id}` (or copy the folder) and set HF_HOME, "
-            "or pass --vae_path <folder>") if hub_id else "pass a folder holding config.json and the weights"
+            "or name a local folder of its weights (diffusers:<folder>; `igdit data build` also takes --vae_path "
+            "<folder>)") if hub_id else "pass a folder holding config.json and the weights"
     raise ConfigError("encoder", name, "no loadable AutoencoderKL weights; looked in " + "; then ".join(tried)
                       + f"; {hint}")
 

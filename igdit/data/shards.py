@@ -57,7 +57,7 @@ from tqdm import tqdm
 from igdit.config import ConfigError, check_choice, check_number
 from igdit.data.encoders import LatentEncoder, LatentNormalizer, build_encoder, images_to_unit
 from igdit.data.sources import ArraySource, ImageSource, UnreadableImage, load_source, parse_source
-from igdit.distributed import BuildGroup
+from igdit.distributed import BuildGroup, check_device
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -105,13 +105,22 @@ def verify_shards(root: str | Path) -> list[str]:
         raise ConfigError("data.root", str(root), "holds a build without shard checksums (built before they were "
                                                   "recorded); rebuild it to verify it")
     problems = []
+    sizes = meta.get("shard_bytes") or {}
     for split in SPLITS:
+        listed = set()
         for index, expected in enumerate(checksums.get(split, [])):
             path = root / _shard_name(split, index)
+            listed.add(path.name)
+            size = (sizes.get(split) or [None] * (index + 1))[index] if index < len(sizes.get(split) or []) else None
             if not path.is_file():
                 problems.append(f"{path.name}: missing")
+            elif size is not None and path.stat().st_size != size:
+                problems.append(f"{path.name}: {path.stat().st_size} bytes, meta.json says {size} (the file changed "
+                                "after the build)")
             elif expected is not None and file_sha256(path) != expected:
                 problems.append(f"{path.name}: checksum differs from meta.json (the file changed after the build)")
+        problems += [f"{p.name}: not listed in meta.json (training refuses a folder with shards the build did not "
+                     "write)" for p in sorted(root.glob(f"{split}-*.tar")) if p.name not in listed]
     return problems
 
 
@@ -313,23 +322,14 @@ def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encode
             for i, (key, _, row, _) in enumerate(samples):
                 sink.write({"__key__": key, **{m: a[i] for m, a in arrays.items()}, "cls": int(source.labels[row])})
     record = {"shard": name, "samples": len(samples), "images": len(good), "skipped": skipped,
-              "sha256": file_sha256(tmp)}
+              "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
     _write_json(out / BUILD_DIR / (name[:-4] + ".json"), record)
     os.replace(tmp, out / name)  # the shard exists under its name only once it is complete
     return record
 
 
 def _check_device(device: str) -> None:
-    allowed = "expected cpu, cuda or cuda:<index> of a visible GPU"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError("device", device, allowed) from None
-    if parsed.type == "cuda" and (not torch.cuda.is_available()
-                                  or (parsed.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError("device", device, f"{allowed}; this machine has {torch.cuda.device_count()} GPU(s)")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError("device", device, allowed)
+    check_device(device, "device")
 
 
 def _resolve_samples_per_shard(samples_per_shard, shard_size_mb, latent_shape, flip, arrays: int = 1,
@@ -480,6 +480,12 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
             records = {s: [json.loads((out / BUILD_DIR / f"{s}-{i:06d}.json").read_text())
                            for i in range(num_shards[s])] for s in SPLITS}
             skipped = [s for split in SPLITS for r in records[split] for s in r["skipped"]]
+            empty = [split for split in SPLITS if not sum(r["samples"] for r in records[split])]
+            if empty:  # nothing to train or validate on: no meta.json, so no command takes the folder for data
+                example = f"; e.g. {skipped[0]['image']}: {skipped[0]['error']}" if skipped else ""
+                raise ConfigError("source", spec, f"gave no readable image for the {' and '.join(empty)} split"
+                                  f"{'s' if len(empty) > 1 else ''} ({len(skipped)} unreadable{example}); the build "
+                                  f"in {out} is left unfinished (no meta.json); fix or replace the images")
             meta = {
                 "format_version": FORMAT_VERSION,
                 "source": spec,
@@ -501,6 +507,7 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
                 "num_shards": num_shards,
                 "shard_samples": {s: [r["samples"] for r in records[s]] for s in SPLITS},
                 "shard_sha256": {s: [r.get("sha256") for r in records[s]] for s in SPLITS},
+                "shard_bytes": {s: [r.get("bytes") for r in records[s]] for s in SPLITS},
                 "samples_per_shard": per_shard,
                 "flip": bool(flip),
                 "skipped_images": {"count": len(skipped), "first": skipped[:100]},

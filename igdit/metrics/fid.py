@@ -65,6 +65,26 @@ class ReferenceStats:
         return cls(n=n, mu=mu, sigma=sigma, feature=feature)
 
 
+def check_reference_file(path: str | os.PathLike, feature: str, field: str = "reference") -> None:
+    """What can be checked of a reference .npz without its feature network: it is a file with mu (F,) and a square
+    sigma (F, F) of ``feature``'s statistics (``ReferenceStats.load`` checks F once the network is built)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, str(path), "is not a file; pass a reference .npz with mu and sigma, or train/val")
+    try:
+        data = np.load(path)
+        mu, sigma = data["mu"], data["sigma"]
+    except Exception as err:  # any file that is not an .npz with those arrays
+        raise ConfigError(field, str(path), f"could not be read as an .npz with mu and sigma ({type(err).__name__}: "
+                                            f"{' '.join(str(err).split())[:120]})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ConfigError(field, str(path), f"holds mu {mu.shape} and sigma {sigma.shape}; expected mu (F,) and "
+                                            "sigma (F, F)")
+    stored = str(data["feature"]) if "feature" in data else feature
+    if stored != feature:
+        raise ConfigError(field, str(path), f"holds statistics of {stored!r} features, not {feature!r}")
+
+
 def new_frechet_metric(feature_net: nn.Module) -> FrechetInceptionDistance:
     """A Fréchet distance metric on ``feature_net`` (uint8 images in, (N, F) features out) that keeps
     its real statistics across ``reset()``."""

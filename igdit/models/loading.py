@@ -7,7 +7,6 @@ weights. ``igdit.checkpoints.load_module`` builds the whole IGDiTModule from the
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -20,23 +19,36 @@ WEIGHTS = ("ema", "raw")
 BACKBONE_PREFIX = "backbone."
 
 
-def read_checkpoint(path: str | Path, field: str = "--ckpt") -> dict:
+def read_checkpoint(path: str | Path, field: str = "--ckpt", mmap: bool = False) -> dict:
     """An igdit checkpoint read with ``torch.load(weights_only=True)`` (no pickled code runs, whatever
-    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says); one-line ConfigError for a missing, foreign or damaged file."""
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says); one-line ConfigError for a missing, foreign or damaged file.
+    ``mmap``: map the tensors instead of reading them (cheap, for looking at a checkpoint's metadata)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(field, str(path), "is not a file; pass an igdit checkpoint (.ckpt), e.g. "
                                             "runs/<experiment>/<run>/checkpoints/last.ckpt")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ConfigError(field, str(path), f"is not a readable igdit checkpoint (torch.load with "
-                                            f"weights_only=True: {first})") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # any file that is not a whole, safe torch checkpoint (a text file fails with KeyError)
+        raise ConfigError(field, str(path), f"is not a readable igdit checkpoint: torch.load with weights_only=True "
+                                            f"says {load_failure(err)}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ConfigError(field, str(path), "is not an igdit checkpoint (no state_dict and hyper_parameters); "
                                             "import official checkpoints with `igdit import-ckpt`")
     return checkpoint
+
+
+def load_failure(err: Exception) -> str:
+    """What torch.load said, in whole sentences on one line: the reason it refused unsafe content (the global it
+    would have imported) rather than its advice to turn the check off."""
+    text = " ".join(str(err).split())
+    unsafe = text.find("Unsupported global")
+    if unsafe >= 0:  # "...WeightsUnpickler error: Unsupported global: GLOBAL x.y was not an allowed global by default."
+        end = text.find(". ", unsafe)
+        return text[unsafe:end + 1 if end >= 0 else len(text)] + " (the file would run code when unpickled)"
+    if not text or len(text) < 8:
+        return f"{type(err).__name__}({text}): the file is not a torch checkpoint"
+    return text if len(text) <= 200 else text[:text.rfind(" ", 0, 200)] + " ..."
 
 
 def model_config(hparams: dict) -> dict:

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from igdit.checkpoints import load_module
-from igdit.config import TrainingStopped
+from igdit.config import NothingToTrain, TrainingStopped
 from igdit.data import LatentDataModule
 from igdit.experiment import run_lightning_cli
 from igdit.generation import Sampling
@@ -183,7 +183,10 @@ class Study:
         resume = list(folder.rglob("last.ckpt"))
         self.say(f"training {arm} seed {seed} ({self.spec.arm_steps(arm)} steps){' — resuming' if resume else ''}")
         start = time.perf_counter()
-        run_lightning_cli(["fit", "--config", str(config), *(["--ckpt_path", "last"] if resume else [])])
+        try:
+            run_lightning_cli(["fit", "--config", str(config), *(["--ckpt_path", "last"] if resume else [])])
+        except NothingToTrain:  # killed after its last step, before done.json: read it back
+            pass
         checkpoints = {int(torch.load(p, map_location="cpu", weights_only=True)["global_step"]): str(p)
                        for p in sorted(folder.rglob("step=*.ckpt"))}
         record = {"arm": arm, "seed": seed, "run_id": run_id, "last": str(next(folder.rglob("last.ckpt"))),

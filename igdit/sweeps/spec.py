@@ -39,8 +39,9 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from igdit.callbacks import FIDCallback
 from igdit.config import ConfigError, build, instantiate, one_line
 from igdit.distributed import device_count
-from igdit.experiment import parse_experiment
+from igdit.experiment import experiment_config, parse_experiment
 from igdit.guidance import RULES, build_rules, describe
+from igdit.module import build_module
 
 EVALUATION_KEYS = ("num_samples", "sampler", "steps", "schedule", "labels", "seed", "batch_size", "every_n_steps")
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(<=|<)\s*([\w.]+)\s*$")
@@ -378,7 +379,11 @@ class SweepSpec:
                                   "training sweeps search experiment fields (model.*, data.*, trainer.*)")
             for value in param.extremes():
                 try:
-                    parse_experiment(self.base, self.trial_arguments({path: value}))
+                    # parsed as `igdit fit` parses it, and the model built on the meta device (no memory, no compute):
+                    # a value only the model can refuse (an exit block outside the backbone) fails here, not in a trial
+                    config = experiment_config(self.base, self.trial_arguments({path: value}))
+                    with torch.device("meta"):
+                        build_module(config["model"])
                 except SystemExit:
                     raise
                 except Exception as err:

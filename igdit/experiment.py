@@ -98,8 +98,8 @@ class IGDiTCLI(LightningCLI):
         resuming = config.get("ckpt_path") is not None
         logger = trainer.logger
         if isinstance(logger, MLflowLogger) and trainer.is_global_zero:  # last: the run is created next
-            from_environment = os.environ.get("MLFLOW_TRACKING_URI") == logger._tracking_uri
-            check_store(logger._tracking_uri, "MLFLOW_TRACKING_URI" if from_environment
+            from_environment = os.environ.get("MLFLOW_TRACKING_URI") == mlflow_tracking_uri(logger)
+            check_store(mlflow_tracking_uri(logger), "MLFLOW_TRACKING_URI" if from_environment
                         else "trainer.logger.init_args.tracking_uri")
         for checkpoint in trainer.checkpoint_callbacks:
             if checkpoint.dirpath is None:

@@ -54,11 +54,14 @@ def check_store(uri: str, field: str = "trainer.logger.init_args.tracking_uri") 
     from deep inside MLflow (a sqlite file it cannot create) or minutes of retries (a server nobody answers at).
     Called right before the run is created, so a store that opens is one the run would have created anyway."""
     if uri.startswith(("http://", "https://")):
-        import requests
+        import urllib.error
+        import urllib.request
 
         try:  # any HTTP answer means a server is there; MLflow itself would retry for minutes
-            requests.get(uri.rstrip("/") + "/health", timeout=10)
-        except requests.RequestException as err:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # it answered, with an error status: a server is there
+        except OSError as err:  # URLError, refused, timed out
             raise ConfigError(field, uri, f"no MLflow server answers there ({type(err).__name__}); start it "
                                           "(mlflow server --host 0.0.0.0 --port 5000) or log locally by leaving "
                                           "tracking_uri out (sqlite mlflow.db)") from None

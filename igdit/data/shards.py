@@ -380,14 +380,9 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
     if isinstance(source, str):
         parse_source(source)
     check_choice("normalizer", normalizer, NORMALIZERS)
-    if resolution is not None:
-        check_number("resolution", resolution, low=1, integer=True)
+    # resolution, seed, batch_size and workers arrive typed (igdit data build's PositiveInt, NonNegativeInt)
     check_number("val_fraction", val_fraction, low=0, high=1, low_inclusive=False, high_inclusive=False)
-    check_number("seed", seed, low=0, integer=True)
     check_number("stats_images", stats_images, low=2, integer=True)
-    check_number("batch_size", batch_size, low=1, integer=True)
-    if workers is not None:
-        check_number("workers", workers, low=0, integer=True)
     if moments_dtype is not None:
         check_choice("moments_dtype", moments_dtype, MOMENTS_DTYPES)
     out = Path(out_dir)

@@ -2,6 +2,7 @@
 MLflow run, step, optimiser, schedule, EMA, FID schedule, data position, random state) and ends where an
 uninterrupted run of the same seed ends."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,14 @@ def test_sigterm_saves_its_step_marks_the_run_killed_and_explicit_last_and_longe
     broken = tmp_path / "broken"
     process = subprocess.Popen(_fit_command(config, broken, digits_root), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
+    # The periodic checkpoint keeps only its newest file, so on a fast machine step 20's is gone by the time the run
+    # stops: keep a copy as soon as it is there (checkpoints are written atomically, so a file that is there is whole).
+    deadline, periodic = time.time() + 300, []
+    while not periodic and time.time() < deadline and process.poll() is None:
+        periodic = list((broken / "runs").rglob("epoch=*-step=20.ckpt"))
+        time.sleep(0.05)
+    assert len(periodic) == 1, "no periodic step-20 checkpoint appeared"
+    periodic = Path(shutil.copy(periodic[0], tmp_path / periodic[0].name))
     _wait_for_last(broken, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=300)
@@ -117,10 +126,9 @@ def test_sigterm_saves_its_step_marks_the_run_killed_and_explicit_last_and_longe
     client = MlflowClient(f"sqlite:///{broken / 'mlflow.db'}")
     assert client.get_run(run_dir.name).info.status == "KILLED"
 
-    # By explicit path, from the periodic step-20 checkpoint (saved before last.ckpt existed, so Lightning's callback
+    # By explicit path, from (a copy of) the periodic step-20 checkpoint (saved before last.ckpt existed, so Lightning's callback
     # state in it does not know last.ckpt): the run keeps writing last.ckpt, not last-v1.ckpt, and ends as the
     # uninterrupted one.
-    (periodic,) = [p for p in folder.glob("epoch=*-step=20.ckpt")]
     fit = _fit_command(config, broken, digits_root)[3:]
     assert main([*fit, "--ckpt_path", str(periodic)]) == 0
     assert not list(folder.glob("last-v*.ckpt"))

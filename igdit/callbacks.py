@@ -594,7 +594,9 @@ class StopOnSignal(pl.Callback):
         if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
             yield
             return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        # a signal the launching shell set to be ignored (SIGINT of a background job) stays ignored
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
         for number in previous:
             signal.signal(number, self._handle)
         try:

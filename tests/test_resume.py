@@ -149,32 +149,41 @@ def test_sigterm_saves_its_step_marks_the_run_killed_and_explicit_last_and_longe
 
 def test_sigint_stops_between_steps_as_sigterm_does_and_a_second_one_at_once():
     """SIGINT is routed to Lightning's SIGTERM handler while the training loop runs (no KeyboardInterrupt in the middle
-    of an optimiser step); outside the loop, or the second time, it interrupts at once."""
+    of an optimiser step); outside the loop, or the second time, it interrupts at once. A SIGINT the launching shell
+    set to be ignored (a background job's) stays ignored."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from igdit.callbacks import StopOnSignal
 
     stop, lightning_calls = StopOnSignal(), []
-    with stop.listening():
-        ours = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when pytest runs as a background job
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with stop.listening():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with stop.listening():
+            ours = signal.getsignal(signal.SIGTERM)
 
-        def lightning(number, frame):  # Lightning's handler: sets received_sigterm, then calls the one it replaced
-            lightning_calls.append(number)
-            ours(number, frame)
+            def lightning(number, frame):  # Lightning's handler: sets received_sigterm, then calls the one it replaced
+                lightning_calls.append(number)
+                ours(number, frame)
 
-        signal.signal(signal.SIGTERM, lightning)
-        stop.on_train_start(None, None)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)
-        assert stop.received == "SIGINT" and lightning_calls == [signal.SIGINT]
-        with pytest.raises(KeyboardInterrupt):
+            signal.signal(signal.SIGTERM, lightning)
+            stop.on_train_start(None, None)
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-        stop.on_train_end(None, None)
-        with pytest.raises(SIGTERMException):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            time.sleep(0.1)
+            assert stop.received == "SIGINT" and lightning_calls == [signal.SIGINT]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            stop.on_train_end(None, None)
+            with pytest.raises(SIGTERMException):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 IG = {"backbone": {"class_path": "igdit.models.SiT", "init_args": {"size": "T/2", "exits": [2]}}}

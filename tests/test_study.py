@@ -127,6 +127,11 @@ def test_a_study_trains_seed_by_seed_and_a_first_pass_over_some_seeds_lands_wher
         StudySpec.load(path, seeds=[3])
     first, whole = StudySpec.load(path, seeds=[1]), StudySpec.load(path)
     assert first.seeds == [1] and first.results == whole.results  # the same runs folder: read back later
+    with pytest.raises(ConfigError, match=r"^--arms: 'ig' is not allowed; expected arms of the study: (plain|ig_head), "):
+        StudySpec.load(path, only_arms=["ig"])
+    part = StudySpec.load(path, seeds=[0, 1], only_arms=["ig_head"])
+    assert list(part.arms) == ["ig_head"] and part.arms_subset and part.results == whole.results
+    assert not whole.arms_subset and not whole.seeds_subset
     trained = []
     monkeypatch.setattr(Study, "train", lambda self, arm, seed: trained.append((arm, seed)) or {})
     Study(whole).train_all()

@@ -1,12 +1,13 @@
 """`igdit reproduce`: the papers' claims at small scale, claim by claim (igdit/study/).
 
-    igdit reproduce experiments/studies/reproduce.yaml            # the full study (3 seeds per arm)
+    igdit reproduce experiments/studies/reproduce.yaml            # the full study (5 seeds per arm)
     igdit reproduce experiments/studies/reproduce.yaml --quick    # a first look: fewer arms, one seed, shorter runs
     igdit reproduce experiments/studies/reproduce.yaml --seeds '[0, 1]'   # every arm with two seeds, reported
+    igdit reproduce experiments/studies/reproduce.yaml --arms '[plain, ig_head]'   # two arms (+ what they read)
     igdit reproduce experiments/studies/reproduce.yaml --workers 2       # two runs at a time (one thread each)
 
 Runs train seed by seed (every arm with the first seed, then the next seed), so an interrupted study already
-covers every arm; --seeds reports a subset of the seeds, which the full command later reads back.
+covers every arm; --seeds and --arms report a part of the study, which the full command later reads back.
 
 Writes REPRODUCTION.md and plots into the study's results folder and into one MLflow parent run with a child per
 training run. Run the same command again after an interruption: finished runs are read back, not redone.
@@ -28,6 +29,8 @@ def build_parser():
     parser.add_argument("--quick", action="store_true", help="the study's quick variant")
     parser.add_argument("--seeds", type=Optional[list[int]], default=None,
                         help="only these of the study's seeds, trained and reported now")
+    parser.add_argument("--arms", type=Optional[list[str]], default=None,
+                        help="only these arms (and the arms whose checkpoints they read), trained and reported now")
     parser.add_argument("--workers", type=PositiveInt, default=1,
                         help="train this many runs at once, each process with its share of the CPU threads "
                              "(2 on 2 cores trains 1.5x as many runs per hour as 1)")
@@ -46,7 +49,7 @@ def main(argv: list[str]) -> int:
     check_positional_file(args.study, "study", "reproduce", "study")
     from igdit.study.runner import Study, run_study  # torch, Lightning, MLflow: not for --help
     from igdit.study.spec import StudySpec
-    spec = StudySpec.load(args.study, quick=args.quick, seeds=args.seeds)
+    spec = StudySpec.load(args.study, quick=args.quick, seeds=args.seeds, only_arms=args.arms)
     if args.worker is not None:
         Study(spec).train_claimed(args.worker)
         return 0

@@ -112,7 +112,8 @@ def write_report(study, claims: list[Claim], seconds: float, provenance: dict) -
     plots = {claim.key: plot_claim(claim, folder / "plots") for claim in claims}
     e, p = spec.evaluation, spec.probe
     command = f"igdit reproduce {spec.path}{' --quick' if spec.quick else ''}" + (
-        f" --seeds '{spec.seeds}'" if spec.seeds_subset else "")
+        f" --seeds '{spec.seeds}'" if spec.seeds_subset else "") + (
+        f" --arms '{list(spec.arms)}'" if spec.arms_subset else "")
     commits = sorted({r.get("commit", "unknown") for r in study.records.values()})
     versions = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items())
     lines = [f"# Reproduction: {spec.name} ({'quick' if spec.quick else 'full'} study)", "",
@@ -123,6 +124,11 @@ def write_report(study, claims: list[Claim], seconds: float, provenance: dict) -
              f"{', '.join(commits)}). Every number and plot below comes from the runs; rerunning regenerates them. "
              "Every measured value is in `measurements.csv` beside this report (arm, seed, step, setting, metric, "
              "value).", ""]
+    if spec.seeds_subset or spec.arms_subset:
+        lines += [f"**A part of the study.** This report covers {len(spec.arms)} arm(s) × {len(spec.seeds)} seed(s) of "
+                  f"the study file's; a claim whose arms were not trained says so. Nothing it tests was chosen from "
+                  "its numbers: the subset only leaves arms or seeds out, and the whole study reads these runs back.",
+                  ""]
     if len(spec.seeds) == 1:
         lines += ["**One seed decides nothing.** With a single seed there is no spread to test against, so every "
                   "verdict below is inconclusive: read the numbers as a first look at the direction of each effect, "

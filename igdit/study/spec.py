@@ -135,7 +135,8 @@ def _refuse_choice_after_the_fact(raw: dict) -> None:
 class StudySpec:
     """A loaded, validated study file; ``quick=True`` applies its ``quick`` section."""
 
-    def __init__(self, path: str, file: StudyFile, quick: bool = False, seeds: Optional[list[int]] = None):
+    def __init__(self, path: str, file: StudyFile, quick: bool = False, seeds: Optional[list[int]] = None,
+                 only_arms: Optional[list[str]] = None):
         self.path, self.quick = str(path), quick
         if not Path(file.base).is_file():
             raise ConfigError("base", file.base, "expected the path of an experiment YAML, e.g. experiments/default.yaml")
@@ -166,10 +167,12 @@ class StudySpec:
         if q.num_samples:
             self.evaluation.num_samples = q.num_samples
         self.mlflow_experiment, self.tracking_uri = file.mlflow_experiment, file.tracking_uri
-        names = q.arms or list(file.arms)
+        names = only_arms or q.arms or list(file.arms)
         unknown = [a for a in names if a not in file.arms]
         if unknown:
-            raise ConfigError("quick.arms", unknown[0], "is not an arm; arms are " + ", ".join(file.arms))
+            raise ConfigError("--arms" if only_arms else "quick.arms", unknown[0],
+                              "expected arms of the study: " + ", ".join(file.arms))
+        self.arms_subset = bool(only_arms)  # a part of the study: these arms and those they read checkpoints of
         self.arms = {}
         for name in _in_dependency_order(file.arms, names):
             self.arms[name] = file.arms[name]
@@ -177,7 +180,8 @@ class StudySpec:
             raise ConfigError("steps", self.steps, f"must be a multiple of evaluate_every ({self.evaluate_every})")
 
     @classmethod
-    def load(cls, path: str, quick: bool = False, seeds: Optional[list[int]] = None) -> "StudySpec":
+    def load(cls, path: str, quick: bool = False, seeds: Optional[list[int]] = None,
+             only_arms: Optional[list[str]] = None) -> "StudySpec":
         if not Path(path).is_file():
             raise ConfigError("study", path, "is not a file; pass a study definition such as experiments/studies/reproduce.yaml")
         raw = yaml.safe_load(Path(path).read_text())
@@ -198,7 +202,7 @@ class StudySpec:
         file = build(StudyFile, raw | {"arms": arms})
         for name, arm in file.arms.items():  # the changes stay plain YAML values (the parser would build parts)
             arm.set = copy.deepcopy(changes[name])
-        return cls(path, file, quick, seeds)
+        return cls(path, file, quick, seeds, only_arms)
 
     def arm_steps(self, name: str) -> int:
         """The arm's training steps: its budget share of ``steps``, in whole evaluation intervals (at least one)."""

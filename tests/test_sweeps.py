@@ -87,6 +87,8 @@ def test_a_sampling_sweep_writes_one_child_run_per_trial_and_the_best_into_the_p
         assert run.data.tags["igdit.state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert 1.0 <= float(run.data.params["guidance.ig.scale"]) <= 3.0
         values[int(run.data.tags["igdit.trial"])] = run.data.metrics["objective"]
+        config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+        assert config["evaluation"]["num_samples"] == 20  # plain YAML, no python tags (num_samples is a PositiveInt)
     assert sorted(values) == [0, 1, 2] and len(set(values.values())) == 3  # different scales, different FD
     best = min(values, key=values.get)
     assert parent.data.metrics["best_value"] == pytest.approx(values[best])

@@ -1,6 +1,7 @@
 """A study in MLflow: one parent run per study (reused when it continues), one nested run per trial."""
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Optional
@@ -58,6 +59,7 @@ class SweepTracker:
             else:
                 params[prefix] = value
 
+        config = json.loads(json.dumps(config))  # plain types: the parser's PositiveInt would be a python tag in YAML
         flatten("", config)
         log_new_params(self.client, run_id, params)
         self.client.log_dict(run_id, config, "config.yaml")

@@ -113,8 +113,21 @@ def test_the_minimum_detectable_effect_by_hand_and_its_power():
     assert "MDE" in str(pair[0])
 
 
-def test_identical_values_on_each_side_are_a_difference_without_noise():
-    assert decide([compare([2.0, 2.0, 2.0], [3.0, 3.0, 3.0], "lower")])[0].verdict == HOLDS
+def test_values_without_spread_are_decided_by_the_exact_tests_not_called_certain():
+    # Two arms, every seed tied: of the C(6, 3) = 20 ways to split the pooled values, one puts the claimed arm lowest.
+    three = decide([compare([2.0, 2.0, 2.0], [3.0, 3.0, 3.0], "lower")])[0]
+    assert three.p == pytest.approx(1 / 20) and three.verdict == HOLDS and "permutation test" in str(three)  # p ≤ α
+    four = decide([compare([1800.0] * 4, [2000.0] * 4, "lower")])[0]
+    assert four.p == pytest.approx(1 / 70) and four.verdict == HOLDS  # 4 seeds a side all earlier: p 0.014
+    # Two seeds on each side (the old rule called this certain): 1 / C(4, 2) = 1/6
+    two = decide([compare([1800.0, 1800.0], [2000.0, 2000.0], "lower")])[0]
+    assert two.p == pytest.approx(1 / 6) and two.verdict == INCONCLUSIVE
+    worse = decide([compare([3.0] * 5, [2.0] * 5, "lower")])[0]
+    assert worse.p == 1.0 and worse.p_against == pytest.approx(1 / 252) and worse.verdict == FAILS
+    # Paired, the same difference on every seed: the sign test, 0.5^n
+    paired = [compare([1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 2.5, 3.5, 4.5, 5.5], "lower", paired=True)]
+    assert decide(paired)[0].p == pytest.approx(0.5 ** 5) and paired[0].verdict == HOLDS and "sign test" in str(paired[0])
+    assert decide([compare([1.0, 2.0], [1.5, 2.5], "lower", paired=True)])[0].verdict == INCONCLUSIVE  # p 0.25
     assert decide([compare([2.0, 2.0], [2.0, 2.0], "lower", paired=True)])[0].verdict == INCONCLUSIVE
     with pytest.raises(ValueError):
         compare([1.0, 2.0], [1.0], "lower", paired=True)

@@ -8,7 +8,9 @@ this number of seeds would have detected with 80% power, given the measured spre
 
 The comparisons of one claim form a family: Holm–Bonferroni keeps the chance of any false "holds" in it at α. A
 comparison **holds** when its Holm-adjusted one-sided p is at most α, **does not hold** when the Holm-adjusted p of
-the opposite direction is, and is **inconclusive** otherwise (always with one seed: no spread, no test). A claim holds
+the opposite direction is, and is **inconclusive** otherwise (always with one seed: no spread, no test). Where a side
+has no spread at all (a step count read at evaluation intervals can tie on every seed), the t statistic is undefined
+and the exact sign test (paired) or permutation test (two arms) gives the p-value instead. A claim holds
 when all its comparisons hold and does not hold when any does not.
 """
 from __future__ import annotations
@@ -29,7 +31,9 @@ def rule(alpha: float = ALPHA) -> str:
     return (f"one-sided t tests in the direction each paper claims (paired when both sides come from the same runs, "
             f"Welch's otherwise), at α = {alpha:g} with Holm–Bonferroni across the comparisons of one claim: a "
             f"comparison holds when its Holm-adjusted p ≤ {alpha:g}, does not hold when the opposite direction's "
-            f"is, and is inconclusive otherwise (always with a single seed). Each comparison gives the difference "
+            f"is, and is inconclusive otherwise (always with a single seed); where the values have no spread at "
+            f"all (a step count tied on every seed) the exact sign test (paired) or permutation test replaces the "
+            f"undefined t statistic. Each comparison gives the difference "
             f"with its 95% confidence interval and, when inconclusive, the smallest difference these seeds would have "
             f"detected with {POWER:.0%} power (the minimum detectable effect, MDE, at Holm's strictest level α/m). "
             f"The claims are separate questions: no correction is made across them, so among k claims that are all "
@@ -85,14 +89,18 @@ class Comparison:
 
     @property
     def test(self) -> str:
+        if self.se == 0:  # no spread: the exact test that replaces the undefined t statistic
+            return "sign test" if self.paired else "permutation test"
         return "paired t" if self.paired else "Welch t"
 
     def __str__(self) -> str:
         """One line for a report: difference [95% CI] (test, df, p, Holm p) → verdict; the MDE when inconclusive."""
         if self.p is None:
             return f"{self.difference:+.3g} (n = {self.n[0]}, no spread to test) → {self.verdict}"
-        ci = f"[{self.ci[0]:+.3g}, {self.ci[1]:+.3g}]"
         holm = "" if self.family == 1 else f", Holm p {self.p_holm:.2g}"
+        if self.se == 0:
+            return f"{self.difference:+.3g}, the same on every seed ({self.test}, p {self.p:.2g}{holm}) → {self.verdict}"
+        ci = f"[{self.ci[0]:+.3g}, {self.ci[1]:+.3g}]"
         text = f"{self.difference:+.3g} {ci} ({self.test}, df {self.df:.3g}, p {self.p:.2g}{holm}) → {self.verdict}"
         if self.verdict == INCONCLUSIVE and self.mde is not None:
             text += f"; MDE {self.mde:.2g}"
@@ -125,11 +133,15 @@ def compare(claimed: Sequence[float], baseline: Sequence[float], better: Literal
         se = math.sqrt(float(np.var(a, ddof=1)) / len(a) + float(np.var(b, ddof=1)) / len(b))
         test = lambda x, y, alternative: stats.ttest_ind(x, y, equal_var=False, alternative=alternative)  # noqa: E731
     c.se = se
-    if se == 0:  # identical values on each side (or identical differences): a difference without noise
-        c.df, c.ci = float(len(a) - 1), (difference, difference)
+    if se == 0:
+        # Identical values on each side (or identical paired differences), common for a step count read at evaluation
+        # intervals: the t statistic is undefined, and calling it certain would let two seeds decide. The exact tests
+        # for such data: paired, the sign test (every seed moved the same way: 0.5^n); otherwise the permutation test
+        # (the chance that n_a of the pooled values, drawn at random, all fall on the claimed side: 1 / C(n_a+n_b, n_a)).
+        chance = 0.5 ** len(a) if paired else 1.0 / math.comb(len(a) + len(b), len(a))
         toward = difference < 0 if better == "lower" else difference > 0
         away = difference > 0 if better == "lower" else difference < 0
-        c.p, c.p_against = (0.0 if toward else 1.0), (0.0 if away else 1.0)
+        c.p, c.p_against = (chance if toward else 1.0), (chance if away else 1.0)
         return c
     one_sided, two_sided = test(a, b, alternative=alternative), test(a, b, alternative="two-sided")
     c.df = float(one_sided.df)

@@ -8,9 +8,10 @@ this number of seeds would have detected with 80% power, given the measured spre
 
 The comparisons of one claim form a family: Holm–Bonferroni keeps the chance of any false "holds" in it at α. A
 comparison **holds** when its Holm-adjusted one-sided p is at most α, **does not hold** when the Holm-adjusted p of
-the opposite direction is, and is **inconclusive** otherwise (always with one seed: no spread, no test). Where a side
-has no spread at all (a step count read at evaluation intervals can tie on every seed), the t statistic is undefined
-and the exact sign test (paired) or permutation test (two arms) gives the p-value instead. A claim holds
+the opposite direction is, and is **inconclusive** otherwise (always with one seed: no spread, no test). Where the
+values have no spread at all (both sides tied on every seed, as a step count read at evaluation intervals can be, or
+the same paired difference on every seed), the t statistic is undefined and the exact sign test (paired) or
+permutation test (two arms) gives the p-value instead. A claim holds
 when all its comparisons hold and does not hold when any does not.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import re
 from typing import Any, Iterable, Optional
@@ -195,6 +196,12 @@ def config_parser(**kwargs) -> ArgumentParser:
 def plain_config(parser: ArgumentParser, cfg) -> dict:
     """A parsed config as plain YAML values (class_path dicts, lists, numbers, strings)."""
     return yaml.safe_load(parser.dump(cfg, skip_none=False))
+
+
+def plain_values(value: Any) -> Any:
+    """``value`` (dicts, lists, numbers, strings) with the parser's restricted numbers (PositiveInt, ...) made plain
+    ints and floats, which yaml.safe_dump would otherwise write as python tags that yaml.safe_load refuses."""
+    return json.loads(json.dumps(value))
 
 
 def instantiate(base: type, config: Any, field: str = "config") -> Any:

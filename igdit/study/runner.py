@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from igdit.checkpoints import load_module
-from igdit.config import NothingToTrain, TrainingStopped
+from igdit.config import NothingToTrain, TrainingStopped, plain_values
 from igdit.data import LatentDataModule
 from igdit.experiment import run_lightning_cli
 from igdit.generation import Sampling
@@ -236,7 +236,7 @@ class Study:
             # no progress bar (runs train side by side into one log): a line every tenth of the run, with an ETA
             {"class_path": "igdit.callbacks.StepProgress", "init_args": {"label": f"{arm} seed {seed}"}}]
         trainer["callbacks"] = callbacks
-        return json.loads(json.dumps(cfg))  # plain values only (the study file's restricted numbers included)
+        return plain_values(cfg)  # the study file's restricted numbers included
 
     # ---- evaluations on checkpoints -------------------------------------------------------------------------
     def evaluator(self) -> FrechetEvaluator:

@@ -1,13 +1,13 @@
 """A study in MLflow: one parent run per study (reused when it continues), one nested run per trial."""
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from typing import Optional
 
 import optuna
 
+from igdit.config import plain_values
 from igdit.sweeps.spec import SweepSpec
 from igdit.tracking import log_new_params, open_experiment, provenance_tags
 
@@ -59,7 +59,7 @@ class SweepTracker:
             else:
                 params[prefix] = value
 
-        config = json.loads(json.dumps(config))  # plain types: the parser's PositiveInt would be a python tag in YAML
+        config = plain_values(config)
         flatten("", config)
         log_new_params(self.client, run_id, params)
         self.client.log_dict(run_id, config, "config.yaml")

@@ -4,6 +4,7 @@ import io
 import json
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -201,10 +202,15 @@ def test_a_build_with_no_readable_image_fails_in_one_line_and_writes_no_meta(tmp
         for i in range(21):
             (images / name / f"{i}.png").write_bytes(bytes(range(100)))  # not an image
     out = tmp_path / "built"
-    assert main(["data", "build", f"imagefolder:{images}", str(out), "--resolution", "16", "--no-progress"]) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["data", "build", f"imagefolder:{images}", str(out), "--resolution", "16", "--no-progress"]) == 2
+    unreadable = [str(w.message) for w in caught if "skipped unreadable image" in str(w.message)]
+    assert 1 <= len(unreadable) <= 2 and all(" more, all listed in .build/" in w for w in unreadable)  # not 42 lines
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: source: 'imagefolder:{images}' is not allowed; gave no readable image") and \
         "42 unreadable" in err
     assert not (out / "meta.json").exists()
     assert main(["fit", "--config", str(REPO / "experiments/default.yaml"), "--data.root", str(out)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data.root")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: data.root") and "its build read no image" in err and "--resume" not in err

@@ -298,6 +298,18 @@ def test_eval_refuses_a_reference_of_other_images_than_the_samples(digits_root, 
     assert main(["eval", "--npz", str(tmp_path / "same.npz"), "--ref", str(digits_root), "--split", "val"]) == 0
 
 
+def test_eval_names_ref_when_its_folder_holds_no_finished_build(digits_root, tmp_path, capsys):
+    """An empty (or unfinished) build passed as --ref was reported as a bad data.root, an option eval has not."""
+    from igdit.cli import main
+
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, arr_0=_images(digits_root, "val").expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy())
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--npz", str(npz), "--ref", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --ref: '{tmp_path / 'empty'}' is not allowed; has no meta.json") and "\n" not in err
+
+
 @pytest.mark.parametrize("content,message", [("not an npz", "could not be read"), (None, "is not a file")])
 def test_eval_refuses_a_bad_sample_file_with_one_line(content, message, digits_root, tmp_path, capsys):
     from igdit.cli import main

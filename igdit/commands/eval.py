@@ -116,7 +116,12 @@ def score_sample_file(npz: str, ref: str, split: str = "train", feature: Optiona
     images = load_sample_file(npz)
     if ref is None:
         raise ConfigError("--ref", ref, "pass a data folder or a reference .npz with mu and sigma")
-    datamodule = LatentDataModule(root=ref) if Path(ref).is_dir() else None
+    try:
+        datamodule = LatentDataModule(root=ref) if Path(ref).is_dir() else None
+    except ConfigError as err:  # the data module names its own field (data.root); here the user typed --ref
+        if err.field != "data.root":
+            raise
+        raise ConfigError("--ref", ref, err.allowed) from None
     check_reference_matches(images, npz, ref, datamodule)
     if feature is None:  # pixel-space data (the digits) has its own feature network; image data sets use Inception
         feature = "digits" if datamodule is not None and datamodule.meta["encoder"]["name"] == "identity" else "inception"

@@ -295,8 +295,10 @@ def _write_shard(out: Path, split: str, index: int, items: list, encode: _Encode
     name = _shard_name(split, index)
     good = [(row, image) for row, image, _ in items if image is not None]
     skipped = [{"image": source.where(row), "error": err} for row, image, err in items if image is None]
-    for s in skipped:
-        warnings.warn(f"skipped unreadable image {s['image']} ({s['error']})", stacklevel=2)
+    if skipped:  # one line per shard, not one per file: a folder of 10,000 bad files must not flood the terminal
+        more = f" and {len(skipped) - 1} more, all listed in {BUILD_DIR}/{name[:-4]}.json" if len(skipped) > 1 else ""
+        warnings.warn(f"{name}: skipped unreadable image {skipped[0]['image']} ({skipped[0]['error']}){more}",
+                      stacklevel=2)
     samples = []  # (key, image, label, seed): each image, then its flipped copy when asked
     for row, image in good:
         samples.append((f"{row:08d}", image, row, _sample_seed(seed, row, False)))
@@ -522,6 +524,15 @@ def build_dataset(source: Union[str, ImageSource], out_dir, encoder: str = "iden
         return group.on_rank0(write_meta)
 
 
+def _build_read_nothing(root: Path) -> bool:
+    """Whether the shard records an unfinished build left in ``root/.build`` all say: no image was readable."""
+    try:
+        records = [json.loads(p.read_text()) for p in (root / BUILD_DIR).glob("*-*.json")]
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(records) and all(r.get("images") == 0 and r.get("skipped") for r in records)
+
+
 def load_meta(root) -> dict:
     """Read ``<root>/meta.json`` (ConfigError naming ``data.root`` when it is missing or unreadable)."""
     path = Path(root) / META_FILE
@@ -530,6 +541,9 @@ def load_meta(root) -> dict:
         raise ConfigError("data.root", str(root), f"does not exist; {build}")
     if not path.is_file():
         if any(Path(root).glob("*.tar")):
+            if _build_read_nothing(Path(root)):  # --resume would only fail the same way
+                raise ConfigError("data.root", str(root), f"holds shards but no {META_FILE}: its build read no image "
+                                  f"(the files are listed in {BUILD_DIR}/); fix or replace the images and build again")
             raise ConfigError("data.root", str(root), f"holds shards but no {META_FILE} (an unfinished build); "
                               "finish it with `igdit data build ... --resume` (same arguments)")
         raise ConfigError("data.root", str(root), f"has no {META_FILE}; {build}")

@@ -31,7 +31,7 @@ endif
 # paper configs name their own.
 TRAIN_DATA := $(if $(filter experiments/default.yaml experiments/%_digits.yaml,$(CONFIG)),data,)
 
-.PHONY: help venv data train sweep reproduce test test-fast bench bench-gpu clean-venv
+.PHONY: help venv data train sweep reproduce test test-fast test-order bench bench-gpu clean-venv
 
 help:
 	@echo "make train   set up, build the digits shards if needed, train $(CONFIG) (ARGS='--trainer.max_steps 500' to override)"
@@ -39,6 +39,7 @@ help:
 	@echo "make sweep   run or continue the Optuna study SWEEP=$(SWEEP) (sampling sweeps score the newest run of its base)"
 	@echo "make reproduce  run the study $(STUDY) (QUICK=1: a first look in < 20 min), write REPRODUCTION.md"
 	@echo "make test    set up and run the test suite (slow end-to-end tests included)"
+	@echo "make test-order  the suite shuffled across files (SEED=<n> replays an order), then each test file alone"
 	@echo "make data    build $(SOURCE) into $(DATA) (DATA_ARGS='--encoder sd-vae-ft-ema --resolution 256'; GPUS=8 splits it)"
 	@echo "make bench   measure speed and memory targets, write BENCHMARKS.md"
 	@echo "make bench-gpu  on a GPU machine: paper-scale training, sampling, FID and data in < 8 min, BENCHMARKS.md's GPU section"
@@ -72,6 +73,14 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# No test may depend on another having run first: the whole suite in one shuffled order across files (make prints
+# the seed it drew; SEED=<n> replays it), then each test file in a process of its own. About twice `make test`'s time.
+test-order: venv
+	@seed=$${SEED:-$$(date +%s)}; echo "== the suite shuffled with seed $$seed (make test-order SEED=$$seed replays it)"; \
+	$(BIN)/python -m pytest -q --random-order-bucket=global --random-order-seed=$$seed $(ARGS)
+	@failed=""; for f in tests/test_*.py; do echo "== $$f alone"; $(BIN)/python -m pytest -q $$f $(ARGS) || \
+	    failed="$$failed $$f"; done; test -z "$$failed" || { echo "failed when run alone:$$failed"; exit 1; }
 
 bench: venv data
 	$(BIN)/python -m igdit.bench --out BENCHMARKS.md $(ARGS)

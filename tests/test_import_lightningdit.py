@@ -165,6 +165,22 @@ def _refused(argv, capsys, out, start, *contains):
     assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
 
 
+def test_a_missing_sd_vae_hint_names_options_import_ckpt_takes(tmp_path, capsys, monkeypatch, tiny_vae):
+    """The hint once named --vae-path, which import-ckpt does not accept; the spelling it gives must import."""
+    model = build_backbone("SiT-T/2", input_size=8, in_channels=4, num_classes=10, exits=[2])
+    args = argparse.Namespace(model="SiT-T/2", resolution=16, num_classes=10, path_type="linear")
+    torch.save({"ema": model.state_dict(), "args": args}, tmp_path / "sit.pt")
+    out = tmp_path / "sit.ckpt"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    base = ["--from", "official-sit", tmp_path / "sit.pt", "--exit", "2", "--out", out]
+    code, _, err = _import(base + ["--vae", "sd-vae-ft-ema"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: --vae: 'sd-vae-ft-ema'"), err
+    assert "hf download stabilityai/sd-vae-ft-ema" in err and str(tmp_path / "empty-cache") in err
+    assert "diffusers:<folder>" in err and "--vae-path" not in err and not out.exists()
+    code, _, err = _import(base + ["--vae", f"diffusers:{tiny_vae}"], capsys)  # the spelling the hint gives
+    assert code == 0 and out.is_file(), err
+
+
 def test_unknown_format(files, tmp_path, capsys):
     out = tmp_path / "x.ckpt"
     _refused(["--from", "official-dit", files["ckpt"], "--out", out], capsys, out, "error: --from: 'official-dit'",

@@ -1,4 +1,6 @@
 """`python -m igdit.bench --only data` rewrites its own sections of BENCHMARKS.md and keeps the others."""
+import pytest
+
 from igdit.bench.core import SIT_XL2_SAMPLES_PER_GPU, _merge_sections, data_sections
 
 
@@ -77,3 +79,40 @@ def test_the_cli_part_reports_help_start_times_in_its_own_section():
     assert "cli" in PARTS
     report = _merge_sections("# Benchmarks\n\n## Exit head cost (target: <= 1%)\n\nratio 1.0165\n", help_section(result))
     assert "ratio 1.0165" in report and report.count("## Command-line start") == 1
+
+
+@pytest.mark.slow
+def test_the_hand_loop_takes_the_same_steps_as_igdit_fit_bit_for_bit(digits_root, tmp_path):
+    """The loop benchmark compares equal work: after 6 steps from the same seed, the hand-written loop's weights and
+    EMA equal those `igdit fit` saved in last.ckpt exactly, and the evaluation callbacks are not in the fit."""
+    import torch
+    import yaml
+
+    from igdit.bench.loop import _loop_config, hand_loop, lightning_loop
+    from helpers import REPO
+
+    config = str(REPO / "experiments/default.yaml")
+    prepared = _loop_config(config, steps=6, start=1, scratch=tmp_path)
+    kept = [c["class_path"] for c in yaml.safe_load(prepared.read_text())["trainer"]["callbacks"]]
+    assert not any(k.endswith(("FIDCallback", "SampleGrid")) for k in kept) and kept[-1].endswith("StepClock")
+    lightning_seconds, last = lightning_loop(prepared, str(digits_root))
+    hand_seconds, module, ema = hand_loop(config, str(digits_root), steps=6, start=1)
+    assert lightning_seconds > 0 and hand_seconds > 0
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 6
+    for trained, reference in ((ema.module.state_dict(), saved["state_dict"]),
+                               (module.state_dict(), saved["current_model_state"])):
+        assert set(trained) == set(reference)
+        assert all(torch.equal(trained[k], reference[k]) for k in trained), \
+            max((trained[k] - reference[k]).abs().max().item() for k in trained)
+
+
+def test_the_loop_section_reports_both_loops_and_the_ratio():
+    from igdit.bench.loop import loop_section
+
+    text = "\n".join(loop_section({"config": "experiments/default.yaml", "steps": 150, "timed_steps": 119,
+                                   "rounds": 3, "batch": 128, "lightning_ms": 170.0, "hand_ms": 160.0,
+                                   "ratio": 0.941, "ratios": [0.93, 0.941, 0.95],
+                                   "kept_callbacks": ["EMAWeightAveraging", "DivergenceGuard"]}))
+    assert "| hand-written (no Trainer) | 160.0 |" in text and "| `igdit fit` (Lightning) | 170.0 |" in text
+    assert "**0.941x**" in text and "0.930, 0.941, 0.950" in text and "(EMAWeightAveraging, DivergenceGuard)" in text

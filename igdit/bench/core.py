@@ -8,9 +8,10 @@ encoder's images/s for `igdit data build`; each loss term's step time and FLOPs 
 loss, and what its extra networks cost at paper scale (``igdit.bench.terms``); LightningDiT + IG sampling and
 posterior-shard streaming (``igdit.bench.lightningdit``; XL/1 timings need a GPU); and, not a timing, how far float16
 moves stored posterior means against the posterior's std (``moments_rounding_error``); how long `igdit --help` and
-a subcommand's `--help` take in a fresh process (``help_start_times``; target: under 2 s on an idle machine).
+a subcommand's `--help` take in a fresh process (``help_start_times``; target: under 2 s on an idle machine); and
+what Lightning's loop and igdit's callbacks cost against a hand-written loop of the same steps (``igdit.bench.loop``).
 Timings on a shared machine are noisy: the exit-head comparison interleaves the two variants and reports
-the median of per-round ratios. `--only data|terms|st|lightningdit|moments|cli|gpu` runs one part alone and replaces
+the median of per-round ratios. `--only data|terms|st|lightningdit|moments|cli|loop|gpu` runs one part alone and replaces
 its sections in the report, keeping the other sections' numbers; `--gpu` (``make bench-gpu``) is `--only gpu`:
 paper-scale training, sampling, FID during training and data streaming on one accelerator (``igdit.bench.gpu``).
 """
@@ -556,6 +557,12 @@ def _cli_part(args) -> list[str]:
     return help_section(help_start_times())
 
 
+def _loop_part(args) -> list[str]:
+    from igdit.bench.loop import loop_overhead, loop_section
+
+    return loop_section(loop_overhead(args.config, args.data))
+
+
 def _lightningdit_part(args) -> list[str]:
     """XL/1 with the published 124 Heun steps on a GPU; on a CPU a smaller model and schedule, said so."""
     from igdit.bench import lightningdit as bench_ldit
@@ -586,10 +593,10 @@ def _gpu_part(args) -> list[str]:
 
 
 PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part, "moments": _moments_part,
-         "st": _st_part, "cli": _cli_part, "gpu": _gpu_part}
+         "st": _st_part, "cli": _cli_part, "gpu": _gpu_part, "loop": _loop_part}
 # moments, cli, gpu: no note of date and load; each section names its command and machine itself
 PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT", "moments": None,
-               "st": "Self-Transcendence teacher", "cli": None, "gpu": None}
+               "st": "Self-Transcendence teacher", "cli": None, "gpu": None, "loop": "Training loop"}
 
 
 def _check_gpu_args(args) -> Optional[str]:
@@ -624,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one part (data: streaming and encoders; terms: the loss terms' cost; lightningdit: "
                              "LightningDiT sampling and posterior streaming; moments: float16 vs float32 posterior "
                              "moments; st: Self-Transcendence's teacher under both t-range semantics and "
-                             "precisions; cli: `--help` start times; gpu: the GPU benchmark), merged into the existing report")
+                             "precisions; cli: `--help` start times; loop: `igdit fit` against a hand-written loop "
+                             "of the same steps; gpu: the GPU benchmark), merged into the existing report")
     parser.add_argument("--device", default=None,
                         help="where LightningDiT sampling (and --gpu) is timed (default: cuda if any)")
     parser.add_argument("--gpu", action="store_true",
@@ -656,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = PARTS["data"](args)
     overhead = exit_head_overhead(args.config)
+    loop = PARTS["loop"](args)
     sampling = sampling_cost(args.config)
     memory = [fid_memory(args.config, args.data, k) for k in (1_000, 10_000)]
     run = None if args.skip_run else default_run(args.config, extra)
@@ -672,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
              f"(rounds: min {min(overhead['ratios']):.3f}, max {max(overhead['ratios']):.3f}).",
              f"Forward + backward FLOPs (counted on the meta device): {overhead['flops_with_exit']:,} vs "
              f"{overhead['flops_without_exit']:,}, ratio **{overhead['flops_ratio']:.5f}**.\n"]
+    lines += loop
     lines += ["## Sampling cost (targets: IG adds no forward pass and <= 3% time; CFG on an interval costs "
               "1 + the fraction of steps inside it)\n",
               f"Euler, {sampling['_steps']} steps, batch {sampling['_batch']}, default model, "

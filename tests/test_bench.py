@@ -110,9 +110,13 @@ def test_the_hand_loop_takes_the_same_steps_as_igdit_fit_bit_for_bit(digits_root
 def test_the_loop_section_reports_both_loops_and_the_ratio():
     from igdit.bench.loop import loop_section
 
-    text = "\n".join(loop_section({"config": "experiments/default.yaml", "steps": 150, "timed_steps": 119,
+    text = "\n".join(loop_section({"measured": "today", "config": "experiments/default.yaml", "steps": 150, "timed_steps": 119,
                                    "rounds": 3, "batch": 128, "lightning_ms": 170.0, "hand_ms": 160.0,
                                    "ratio": 0.941, "ratios": [0.93, 0.941, 0.95],
                                    "kept_callbacks": ["EMAWeightAveraging", "DivergenceGuard"]}))
     assert "| hand-written (no Trainer) | 160.0 |" in text and "| `igdit fit` (Lightning) | 170.0 |" in text
     assert "**0.941x**" in text and "0.930, 0.941, 0.950" in text and "(EMAWeightAveraging, DivergenceGuard)" in text
+    assert "Measured today by `python -m igdit.bench --only loop`" in text
+    report = _merge_sections("# Benchmarks\n\n## Exit head cost (target)\n\nratio 1.02\n", text.split("\n"))
+    assert _merge_sections(report, text.split("\n")) == report and report.count("## Training loop") == 1
+    assert "Measured today" in report and "ratio 1.02" in report

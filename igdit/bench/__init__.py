@@ -1,4 +1,17 @@
 """`make bench` (``python -m igdit.bench``): the speed and memory targets, measured side by side and written into
 BENCHMARKS.md. ``core``: the training step, the exit head, sampling per guidance setting, FID overhead and memory,
 sweep trials, data streaming and the posterior moments' precision (and the command line); ``terms``: each loss
-term's step time and FLOPs; ``lightningdit``: LightningDiT sampling and posterior streaming."""
+term's step time and FLOPs; ``lightningdit``: LightningDiT sampling and posterior streaming; ``loop``: `igdit fit`
+against a hand-written loop of the same steps; ``gpu``: the paper-scale figures on one accelerator."""
+import os
+import platform
+import time
+
+
+def measured_on() -> str:
+    """When and where a section was measured, and how busy the machine was: "<date> on <machine>, <n> cores, torch
+    <version>, load average <1-minute load> before" (call it before the measurement starts)."""
+    import torch
+
+    return (f"{time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} before")

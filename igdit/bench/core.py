@@ -594,9 +594,10 @@ def _gpu_part(args) -> list[str]:
 
 PARTS = {"data": _data_part, "terms": _terms_part, "lightningdit": _lightningdit_part, "moments": _moments_part,
          "st": _st_part, "cli": _cli_part, "gpu": _gpu_part, "loop": _loop_part}
-# moments, cli, gpu: no note of date and load; each section names its command and machine itself
+# moments, st, cli, gpu, loop: no note of date and load; each section names its command and machine itself (a note
+# titled like its part's own section would replace it in the report)
 PART_TITLES = {"data": "Data throughput", "terms": "Loss-term cost", "lightningdit": "LightningDiT", "moments": None,
-               "st": "Self-Transcendence teacher", "cli": None, "gpu": None, "loop": "Training loop"}
+               "st": None, "cli": None, "gpu": None, "loop": None}
 
 
 def _check_gpu_args(args) -> Optional[str]:

@@ -7,7 +7,8 @@ after every step the way Lightning's EMAWeightAveraging does it (``AveragedModel
 Lightning side adds what a user's run has besides: the MLflow logger, the learning-rate monitor, the divergence guard,
 the throughput monitor, the signal handler, checkpoint bookkeeping. It leaves out what is not the loop -- FID, the
 sample grid and validation (the YAML's evaluation every N steps) -- and so does the hand loop; the final checkpoint
-comes after the timed steps. Each fit runs in its own process (`python -m igdit.cli fit`). Timing runs from the start of step ``start`` to the start of the last step, on both sides, so start-up and the first
+comes after the timed steps. Each side runs in a fresh process of its own (`python -m igdit.cli fit`, `python -m
+igdit.bench.loop`). Timing runs from the start of step ``start`` to the start of the last step, on both sides, so start-up and the first
 (slower) steps are not counted; the two sides alternate in rounds and the report gives the median per-round ratio.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import yaml
+
+from igdit.bench import measured_on
 
 # Callbacks that evaluate or write samples: not part of the training loop
 EVALUATION_CALLBACKS = ("FIDCallback", "SampleGrid")  # matched by class name
@@ -102,9 +105,9 @@ def hand_loop(config: str, data: str, steps: int, start: int) -> tuple[float, to
     ema = None if averaging is None else AveragedModel(module, avg_fn=get_ema_avg_fn(averaging.get("decay", 0.999)),
                                                        use_buffers=True)
     module.train()
-    marks, step = {}, 0
+    marks, step, loader = {}, 0, datamodule.train_dataloader()  # one loader, as Lightning keeps: its workers persist
     while step < steps:  # epochs of the data module's stream
-        for batch in datamodule.train_dataloader():
+        for batch in loader:
             if step in (start, steps - 1):
                 marks[step] = time.perf_counter()
             trainer.global_step = step
@@ -125,11 +128,21 @@ def hand_loop(config: str, data: str, steps: int, start: int) -> tuple[float, to
     return (marks[steps - 1] - marks[start]) / (steps - 1 - start), module, ema
 
 
+def _hand_loop_in_own_process(config: str, data: str, steps: int, start: int) -> float:
+    """``hand_loop``'s seconds per step, measured in a fresh process as the fit is (no state of this one carried)."""
+    proc = subprocess.run([sys.executable, "-m", __name__, config, data, str(steps), str(start)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the hand loop of the loop benchmark failed:\n{proc.stderr[-3000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def loop_overhead(config: str, data: str, steps: int = 150, start: int = 30, rounds: int = 3) -> dict:
     """Median over alternating rounds of (hand loop's seconds per step) / (`igdit fit`'s): 1.0 means Lightning's
     loop and igdit's callbacks cost nothing, 0.9 that a user's run trains at 90% of the hand loop's speed."""
     if not 0 <= start < steps - 1:
         raise ValueError(f"start {start} must lie in [0, steps - 1) = [0, {steps - 1})")
+    measured = measured_on()
     scratch = Path(tempfile.mkdtemp(prefix="igdit-bench-loop-"))
     times = {"lightning": [], "hand": []}
     for index in range(rounds):
@@ -137,9 +150,9 @@ def loop_overhead(config: str, data: str, steps: int = 150, start: int = 30, rou
         folder.mkdir()
         prepared = _loop_config(config, steps, start, folder)
         times["lightning"].append(lightning_loop(prepared, data)[0])
-        times["hand"].append(hand_loop(config, data, steps, start)[0])
+        times["hand"].append(_hand_loop_in_own_process(config, data, steps, start))
     ratios = [h / lit for h, lit in zip(times["hand"], times["lightning"])]
-    return {"config": config, "steps": steps, "timed_steps": steps - 1 - start, "rounds": rounds,
+    return {"measured": measured, "config": config, "steps": steps, "timed_steps": steps - 1 - start, "rounds": rounds,
             "batch": yaml.safe_load(Path(config).read_text())["data"]["batch_size"],
             "lightning_ms": 1000 * statistics.median(times["lightning"]),
             "hand_ms": 1000 * statistics.median(times["hand"]), "ratio": statistics.median(ratios), "ratios": ratios,
@@ -151,6 +164,7 @@ def loop_overhead(config: str, data: str, steps: int = 150, start: int = 30, rou
 def loop_section(result: dict) -> list[str]:
     """BENCHMARKS.md's section for ``loop_overhead``'s result."""
     return ["## Training loop (target: `igdit fit` trains as fast as a hand-written loop of the same steps)\n",
+            f"Measured {result['measured']} by `python -m igdit.bench --only loop`. "
             f"`{result['config']}` (batch {result['batch']}): {result['timed_steps']} timed steps of a "
             f"{result['steps']}-step fit, {result['rounds']} alternating rounds. Both sides: the data module's "
             "stream, class dropout, the loss terms, the optimiser and LR schedule, gradient clipping, the EMA of the "
@@ -163,3 +177,7 @@ def loop_section(result: dict) -> list[str]:
             f"| `igdit fit` (Lightning) | {result['lightning_ms']:.1f} |",
             f"\n`igdit fit` trains at **{result['ratio']:.3f}x** the hand loop's speed (median of per-round ratios; "
             f"rounds: {', '.join(f'{r:.3f}' for r in result['ratios'])}).\n"]
+
+
+if __name__ == "__main__":  # python -m igdit.bench.loop <config> <data> <steps> <start>: the hand loop's s/step
+    print(hand_loop(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))[0])

@@ -27,6 +27,8 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from igdit.bench import measured_on
+
 # Arm name -> (experiment YAML, extra CLI arguments). "plain" is the reference every ratio is taken against.
 PLAIN = ("experiments/default.yaml", ["--model.backbone.exits", "[]",
                                       "--model.terms", '{"diffusion": {"class_path": "igdit.objectives.DiffusionLoss"}}'])
@@ -214,6 +216,7 @@ def st_teacher_costs(data_root: str, rounds: int = 3, steps: int = 20) -> dict:
     interleaved; and, at paper scale, the teacher's GFLOPs per training sample under each t-range mode against the
     student's training step (3 forwards)."""
     times: dict[str, list[float]] = {name: [] for name in ST_VARIANTS}
+    measured = measured_on()
     with tempfile.TemporaryDirectory(prefix="igdit-bench-st-") as scratch:
         teacher = Path(scratch) / "stage1.ckpt"
         _fit(STAGE1, [], data_root, Path(scratch) / "stage1", 2)[0].trainer.save_checkpoint(teacher)
@@ -232,13 +235,14 @@ def st_teacher_costs(data_root: str, rounds: int = 3, steps: int = 20) -> dict:
         forward, teacher = _sit_flops(size), 2 * _sit_flops(size, hidden=(block,), stop_after=block)
         paper[size] = {"student_step_gflops": 3 * forward / 1e9, "teacher_block": block,
                        "per_sample_gflops": ST_IN_RANGE * teacher / 1e9, "official_broadcast_gflops": teacher / 1e9}
-    return {"rounds": rounds, "steps": steps, "digits": digits, "paper": paper}
+    return {"measured": measured, "rounds": rounds, "steps": steps, "digits": digits, "paper": paper}
 
 
 def st_sections(costs: dict) -> list[str]:
     """The report's section on the ST teacher (starts with '## ')."""
     lines = ["## Self-Transcendence teacher (target: the cost of the public code's t-range and of a float32 teacher)\n",
-             f"ST stage 2 on the digits while its guide is on (`{ST_STAGE2}`, SiT-T/2, batch 128, the teacher's "
+             (f"Measured {costs['measured']} by `python -m igdit.bench --only st`. " if "measured" in costs else "")
+             + f"ST stage 2 on the digits while its guide is on (`{ST_STAGE2}`, SiT-T/2, batch 128, the teacher's "
              f"block 4 of 6), trained through Lightning's fit loop; {costs['steps']} steps per fit, the first two not "
              f"timed, {costs['rounds']} interleaved rounds; ratio to the first row, the term's default. Under "
              "`official_broadcast` the teacher runs on the whole batch; under `per_sample` on the ~30% inside "

@@ -88,3 +88,12 @@ def test_sampling_parts_import_without_the_training_stack(module):
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["igdit.guidance", "igdit.samplers", "igdit.generation", "igdit.commands.sample"])
+def test_the_guidance_rules_and_sample_command_import_without_the_models(module):
+    """The networks (timm's layers, which import torchvision: over a second) load when a model is built or a guide is
+    read, not when `igdit sample --help` builds its parser or a rule is named."""
+    code = f"import sys, {module}; print([m for m in ('igdit.models', 'timm', 'torchvision') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

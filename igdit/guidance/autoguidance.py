@@ -9,7 +9,6 @@ from jsonargparse.typing import NonNegativeFloat
 
 from igdit.config import ConfigError, UnitInterval
 from igdit.guidance.base import GuidanceRule, extrapolate
-from igdit.models.loading import load_backbone
 
 _GUIDES: dict[tuple, object] = {}  # (path, weights, device) -> guide backbone: loaded once per process
 
@@ -47,6 +46,10 @@ class Autoguidance(GuidanceRule):
             device = next(backbone.parameters()).device
             key = (self.ckpt, self.weights, str(device))
             if key not in _GUIDES:
+                # imported here, not at the top: the models import timm (and with it torchvision), over a second
+                # that `igdit sample --help` and every other user of the guidance rules would pay for nothing
+                from igdit.models.loading import load_backbone
+
                 _GUIDES[key] = load_backbone(self.ckpt, "guidance.ag.ckpt", device, weights=self.weights)
             self.guide = _GUIDES[key]
         for name in ("num_classes", "latent_shape"):

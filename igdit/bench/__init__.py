@@ -8,10 +8,14 @@ import platform
 import time
 
 
-def measured_on() -> str:
-    """When and where a section was measured, and how busy the machine was: "<date> on <machine>, <n> cores, torch
-    <version>, load average <1-minute load> before" (call it before the measurement starts)."""
+def machine() -> str:
+    """This machine as the report names it: "<processor>, <n> cores, torch <version>"."""
     import torch
 
-    return (f"{time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} before")
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def measured_on() -> str:
+    """When and where a section was measured, and how busy the machine was: "<date> on <machine>, load average
+    <1-minute load> before" (call it before the measurement starts)."""
+    return f"{time.strftime('%Y-%m-%d')} on {machine()}, load average {os.getloadavg()[0]:.1f} before"

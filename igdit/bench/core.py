@@ -22,7 +22,6 @@ import copy
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from igdit.bench import machine as bench_machine
 
 
 def _training_step_seconds(module, optimizer, x, y, steps: int) -> float:
@@ -651,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             print(refusal, file=sys.stderr)
             return 2
     torch.set_num_threads(os.cpu_count() or 1)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = bench_machine()
     load = os.getloadavg()[0]
     if args.only:
         out = Path(args.out)

@@ -8,8 +8,9 @@ Lightning side adds what a user's run has besides: the MLflow logger, the learni
 the throughput monitor, the signal handler, checkpoint bookkeeping. It leaves out what is not the loop -- FID, the
 sample grid and validation (the YAML's evaluation every N steps) -- and so does the hand loop; the final checkpoint
 comes after the timed steps. Each side runs in a fresh process of its own (`python -m igdit.cli fit`, `python -m
-igdit.bench.loop`). Timing runs from the start of step ``start`` to the start of the last step, on both sides, so start-up and the first
-(slower) steps are not counted; the two sides alternate in rounds and the report gives the median per-round ratio.
+igdit.bench.loop`). Timing runs from the start of step ``start`` to the start of the last step, on both sides, so
+start-up and the first (slower) steps are not counted; the two sides alternate in rounds and the report gives the
+median per-round ratio.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def _loop_config(config: str, steps: int, start: int, scratch: Path) -> Path:
             and not (c.get("init_args") or {}).get("monitor")]  # a best-FID checkpoint has nothing to monitor
     kept.append({"class_path": f"{__name__}.StepClock",
                  "init_args": {"start": start, "stop": steps - 1, "out": str(scratch / "clock.json")}})
-    trainer.update(callbacks=kept, max_steps=steps, val_check_interval=steps + 1, limit_val_batches=0,
-                   enable_progress_bar=False, default_root_dir=str(scratch / "runs"))
+    trainer.update(callbacks=kept, max_steps=steps, limit_val_batches=0, enable_progress_bar=False,
+                   default_root_dir=str(scratch / "runs"))
     trainer["logger"]["init_args"].update(tracking_uri=f"sqlite:///{scratch / 'mlflow.db'}",
                                           artifact_location=(scratch / "mlartifacts").as_uri(),
                                           experiment_name="bench-loop")

@@ -47,13 +47,18 @@ class StepClock(pl.Callback):
                                                   "steps": self.stop - self.start}))
 
 
+def _training_callbacks(trainer: dict) -> list[dict]:
+    """The callbacks of an experiment's ``trainer:`` section that belong to the training loop (no evaluation)."""
+    return [c for c in trainer.get("callbacks") or []
+            if c["class_path"].rsplit(".", 1)[-1] not in EVALUATION_CALLBACKS
+            and not (c.get("init_args") or {}).get("monitor")]  # a best-FID checkpoint has nothing to monitor
+
+
 def _loop_config(config: str, steps: int, start: int, scratch: Path) -> Path:
     """The experiment YAML with its evaluation callbacks removed, ``steps`` steps, no validation, a step clock."""
     cfg = yaml.safe_load(Path(config).read_text())
     trainer = cfg["trainer"]
-    kept = [c for c in trainer.get("callbacks") or []
-            if c["class_path"].rsplit(".", 1)[-1] not in EVALUATION_CALLBACKS
-            and not (c.get("init_args") or {}).get("monitor")]  # a best-FID checkpoint has nothing to monitor
+    kept = _training_callbacks(trainer)
     kept.append({"class_path": f"{__name__}.StepClock",
                  "init_args": {"start": start, "stop": steps - 1, "out": str(scratch / "clock.json")}})
     trainer.update(callbacks=kept, max_steps=steps, limit_val_batches=0, enable_progress_bar=False,
@@ -144,22 +149,20 @@ def loop_overhead(config: str, data: str, steps: int = 150, start: int = 30, rou
     if not 0 <= start < steps - 1:
         raise ValueError(f"start {start} must lie in [0, steps - 1) = [0, {steps - 1})")
     measured = measured_on()
-    scratch = Path(tempfile.mkdtemp(prefix="igdit-bench-loop-"))
+    cfg = yaml.safe_load(Path(config).read_text())
     times = {"lightning": [], "hand": []}
-    for index in range(rounds):
-        folder = scratch / f"round{index}"
-        folder.mkdir()
-        prepared = _loop_config(config, steps, start, folder)
-        times["lightning"].append(lightning_loop(prepared, data)[0])
-        times["hand"].append(_hand_loop_in_own_process(config, data, steps, start))
+    with tempfile.TemporaryDirectory(prefix="igdit-bench-loop-") as scratch:  # each round's run and checkpoints
+        for index in range(rounds):
+            folder = Path(scratch) / f"round{index}"
+            folder.mkdir()
+            times["lightning"].append(lightning_loop(_loop_config(config, steps, start, folder), data)[0])
+            times["hand"].append(_hand_loop_in_own_process(config, data, steps, start))
     ratios = [h / lit for h, lit in zip(times["hand"], times["lightning"])]
     return {"measured": measured, "config": config, "steps": steps, "timed_steps": steps - 1 - start, "rounds": rounds,
-            "batch": yaml.safe_load(Path(config).read_text())["data"]["batch_size"],
+            "batch": cfg["data"]["batch_size"],
             "lightning_ms": 1000 * statistics.median(times["lightning"]),
             "hand_ms": 1000 * statistics.median(times["hand"]), "ratio": statistics.median(ratios), "ratios": ratios,
-            "kept_callbacks": [c["class_path"].rsplit(".", 1)[-1] for c in
-                               yaml.safe_load((scratch / "round0" / "loop.yaml").read_text())["trainer"]["callbacks"]
-                               if not c["class_path"].endswith("StepClock")]}
+            "kept_callbacks": [c["class_path"].rsplit(".", 1)[-1] for c in _training_callbacks(cfg["trainer"])]}
 
 
 def loop_section(result: dict) -> list[str]:

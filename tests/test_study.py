@@ -1,6 +1,5 @@
 """The study runner end to end on a two-arm, one-seed, tens-of-steps study: the report's numbers are the ones MLflow
 recorded, and an interrupted study does not redo finished runs."""
-import json
 import re
 from pathlib import Path
 
@@ -175,3 +174,62 @@ def test_two_workers_train_every_run_once_and_the_report_reads_them_back(tmp_pat
     assert main(["reproduce", str(path)]) == 0  # the report: nothing trained again
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
     assert (tmp_path / "results" / "full" / "REPRODUCTION.md").is_file()
+
+
+@pytest.mark.slow
+def test_seeds_measured_by_another_invocation_give_the_report_one_invocation_gives(tmp_path, digits_root, capsys):
+    """The read-back of another invocation's measurements.csv is exact: a study that has seed 1 and reads seed 0 from
+    the file writes the same tables as the study that trained both; a protocol that differs is refused."""
+    import csv
+    import shutil
+
+    from igdit.cli import main
+
+    def study(name: str, **changes) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        return _study(folder, digits_root, seeds=[0, 1], **changes)
+
+    def tables(report: Path) -> str:  # the report from its first table on (the header names commits and times)
+        text = report.read_text()
+        return text[text.index("| claim |"):]
+
+    def rows(folder: Path) -> set[tuple]:
+        return {tuple(r.values()) for r in csv.DictReader(open(folder / "measurements.csv"))
+                if r["metric"] != "train_seconds"}
+
+    whole = study("whole")
+    assert main(["reproduce", str(whole)]) == 0  # both seeds trained and evaluated here
+    whole_out = tmp_path / "whole" / "results" / "full"
+    # seed 0 as another machine would hand it over: its rows only, with the protocol they were measured under
+    handed = tmp_path / "handed"
+    handed.mkdir()
+    with open(whole_out / "measurements.csv") as source, open(handed / "measurements.csv", "w", newline="") as out:
+        reader = csv.DictReader(source)
+        writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(r for r in reader if r["seed"] == "0")
+    shutil.copy(whole_out / "protocol.json", handed / "protocol.json")
+
+    part = study("part")
+    part_out = tmp_path / "part" / "results" / "full"
+    for run in ("plain-seed1", "ig_head-seed1"):  # seed 1 trained here (the same runs: no training twice)
+        shutil.copytree(whole_out / "runs" / run, part_out / "runs" / run)
+    assert main(["reproduce", str(part), "--measurements", f"[{handed / 'measurements.csv'}]"]) == 0
+    assert sorted(p.name for p in (part_out / "runs").iterdir()) == ["ig_head-seed1", "plain-seed1"]  # seed 0 read
+    assert tables(part_out / "REPRODUCTION.md") == tables(whole_out / "REPRODUCTION.md")
+    assert rows(part_out) == rows(whole_out)  # the combined CSV: seed 0 as measured there, seed 1 trained here
+    header = (part_out / "REPRODUCTION.md").read_text().split("| claim |")[0]
+    assert re.search(r"Runs measured by another invocation\.\*\* 2 runs \(2 arms × seed\(s\) 0\) from `.*handed/"
+                     r"measurements\.csv`, trained at [0-9a-f]{40}", header), header
+
+    def refused(path: Path) -> str:
+        capsys.readouterr()
+        assert main(["reproduce", str(path), "--measurements", f"[{handed / 'measurements.csv'}]"]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    other = study("other", probe={"block": 2, "t": 0.5, "train_samples": 200})
+    assert re.match(r"^error: --measurements: .* was measured with probe\.t = 0\.3, this study has 0\.5; numbers of "
+                    r"another protocol are not pooled$", refused(other))
+    (handed / "protocol.json").unlink()
+    assert re.match(r"^error: --measurements: .* has no protocol\.json beside it", refused(part))

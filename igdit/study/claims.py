@@ -87,11 +87,16 @@ class Results:
         """{setting: [result per seed]} on the arm's final checkpoints."""
         per_seed = [self.study.fd(self.study.records[(arm, s)]["last"], settings, s) for s in self.spec.seeds]
         for seed, results in zip(self.spec.seeds, per_seed):
-            for name, result in results.items():
-                for metric in ("fd", "nfe", "cost"):
-                    self.measurements.append({"arm": arm, "seed": seed, "step": self.final_step(arm), "setting": name,
-                                              "metric": f"sampled_{metric}", "value": result[metric]})
+            self.keep_sampled(arm, seed, results)
         return {name: [r[name] for r in per_seed] for name in settings}
+
+    def keep_sampled(self, arm: str, seed: int, results: dict[str, dict]) -> None:
+        """Rows for measurements.csv of {setting: {"fd", "nfe", "cost"}} on the arm's final checkpoint (a value a
+        run read from another invocation's file did not keep is left out)."""
+        for name, result in results.items():
+            self.measurements += [{"arm": arm, "seed": seed, "step": self.final_step(arm), "setting": name,
+                                   "metric": f"sampled_{metric}", "value": result[metric]}
+                                  for metric in ("fd", "nfe", "cost") if result[metric] is not None]
 
     def probes(self, arm: str, until: Optional[int] = None) -> dict[int, list[float]]:
         """{step: probe accuracy per seed} over the arm's kept checkpoints, up to ``until``."""
@@ -102,10 +107,22 @@ class Results:
                 continue
             out[step] = [self.study.probe(self.study.records[(arm, s)]["checkpoints"][str(step)], s)
                          for s in self.spec.seeds]
-            self.measurements += [{"arm": arm, "seed": s, "step": step, "setting": f"block{self.spec.probe.block}"
-                                   f"_t{self.spec.probe.t:g}", "metric": "probe_accuracy", "value": v}
+            self.measurements += [{"arm": arm, "seed": s, "step": step, "setting": self.spec.probe.setting(),
+                                   "metric": "probe_accuracy", "value": v}
                                   for s, v in zip(self.spec.seeds, out[step])]
         return out
+
+
+def _counts(per_seed: list[dict]) -> tuple:
+    """(NFE, network rows / (sample x step)) of a sampling setting: counts of the sampler, the same for every seed,
+    from the first seed that kept them (None where none did: a run read from a file that did not)."""
+    return tuple(next((r[key] for r in per_seed if r[key] is not None), None) for key in ("nfe", "cost"))
+
+
+def _cost(per_seed: list[dict]) -> list[str]:
+    """The table cells of ``_counts``."""
+    nfe, cost = _counts(per_seed)
+    return ["—" if nfe is None else str(nfe), "—" if cost is None else f"{cost:.2f}"]
 
 
 def _row(label: str, values: list[float]) -> list[str]:
@@ -182,15 +199,13 @@ def claim_ig_sampling_at_no_extra_nfe(r: Results) -> Claim:
     result = r.sampled("ig_head", {"none": {}, "ig": {"ig": {"scale": w}}})
     plain, guided = [x["fd"] for x in result["none"]], [x["fd"] for x in result["ig"]]
     c.family.add(compare(guided, plain, "lower", paired=True, label=f"IG w = {w:g} vs w = 1"))
-    nfe = {k: result[k][0]["nfe"] for k in result}
-    cost = {k: result[k][0]["cost"] for k in result}
+    cells = {k: _cost(result[k]) for k in ("none", "ig")}
     c.rows = [["sampling", "FD", "seeds", "NFE", "network rows / (sample x step)"],
-              _row("w = 1 (final head)", plain) + [str(nfe["none"]), f"{cost['none']:.2f}"],
-              _row(f"IG w = {w:g}", guided) + [str(nfe["ig"]), f"{cost['ig']:.2f}"]]
+              _row("w = 1 (final head)", plain) + cells["none"], _row(f"IG w = {w:g}", guided) + cells["ig"]]
     c.bars = {"w = 1": plain, f"IG w = {w:g}": guided}
     c.decide(r.spec.alpha)
-    c.measured += f"; NFE {nfe['ig']} vs {nfe['none']}, network rows {cost['ig']:.2f} vs {cost['none']:.2f}"
-    if nfe["none"] != nfe["ig"] or cost["none"] != cost["ig"]:  # "at no extra NFE" is part of the claim
+    c.measured += f"; NFE {cells['ig'][0]} vs {cells['none'][0]}, network rows {cells['ig'][1]} vs {cells['none'][1]}"
+    if _counts(result["none"]) != _counts(result["ig"]):  # "at no extra NFE" is part of the claim
         c.verdict = "does not hold"
         c.notes.append("IG sampling cost more network evaluations than the unguided model: the claim does not hold.")
     return c
@@ -248,11 +263,11 @@ def claim_ig_vs_cfg_vs_autoguidance(r: Results) -> Claim:
                          {"Autoguidance": {"ag": {"scale": e.ag_scale, "ckpt": r.study.records[("ag_guide", s)]["last"]}}},
                          s)["Autoguidance"] for s in r.spec.seeds]
         result["Autoguidance"] = ag
-        r.measurements += [{"arm": "ig_head", "seed": s, "step": r.final_step("ig_head"), "setting": "Autoguidance",
-                            "metric": "sampled_fd", "value": x["fd"]} for s, x in zip(r.spec.seeds, ag)]
+        for seed, measured in zip(r.spec.seeds, ag):
+            r.keep_sampled("ig_head", seed, {"Autoguidance": measured})
     fd = {name: [x["fd"] for x in values] for name, values in result.items()}
     c.rows = [["sampling (same steps)", "FD", "seeds", "NFE", "network rows / (sample x step)"]] + [
-        _row(name, fd[name]) + [str(result[name][0]["nfe"]), f"{result[name][0]['cost']:.2f}"] for name in fd]
+        _row(name, fd[name]) + _cost(result[name]) for name in fd]
     c.bars = fd
     c.family.add(compare(fd["IG"], fd["none"], "lower", paired=True, label="IG vs none"))
     c.family.add(compare(fd["IG + CFG"], fd["CFG"], "lower", paired=True, label="IG + CFG vs CFG"))

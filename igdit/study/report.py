@@ -124,6 +124,18 @@ def write_report(study, claims: list[Claim], seconds: float, provenance: dict) -
              f"{', '.join(commits)}). Every number and plot below comes from the runs; rerunning regenerates them. "
              "Every measured value is in `measurements.csv` beside this report (arm, seed, step, setting, metric, "
              "value).", ""]
+    by_file: dict[str, list[tuple[str, int]]] = {}
+    for (arm, seed), record in study.records.items():
+        if record.get("imported"):
+            by_file.setdefault(record["imported"], []).append((arm, seed))
+    if by_file:
+        sources = "; ".join(
+            f"{len(runs)} runs ({len({a for a, _ in runs})} arms × seed(s) "
+            f"{', '.join(map(str, sorted({s for _, s in runs})))}) from `{path}`, trained at "
+            f"{study.records[runs[0]]['commit']}" for path, runs in by_file.items())
+        lines += [f"**Runs measured by another invocation.** {sources}. Their FD curves, sampling evaluations and "
+                  "probes are read from that file as measured there (`--measurements`; the protocol.json beside it "
+                  "matches this study file's), not recomputed; this invocation trained and evaluated the rest.", ""]
     if spec.seeds_subset or spec.arms_subset:
         lines += [f"**A part of the study.** This report covers {len(spec.arms)} arm(s) × {len(spec.seeds)} seed(s) of "
                   f"the study file's; a claim whose arms were not trained says so. Nothing it tests was chosen from "

@@ -22,13 +22,14 @@ import torch
 import yaml
 
 from igdit.checkpoints import load_module
-from igdit.config import NothingToTrain, TrainingStopped, plain_values
+from igdit.config import ConfigError, NothingToTrain, TrainingStopped, plain_values
 from igdit.data import LatentDataModule
 from igdit.experiment import run_lightning_cli
 from igdit.generation import Sampling
 from igdit.guidance import build_rules
 from igdit.metrics.evaluate import FrechetEvaluator, evaluate_settings
 from igdit.study.claims import CLAIMS, Results
+from igdit.study.measurements import ImportedRuns, write_measurements
 from igdit.study.report import write_report
 from igdit.study.spec import StudySpec, resolve_references
 from igdit.tracking import open_experiment, provenance, provenance_tags
@@ -37,8 +38,9 @@ from igdit.tracking import open_experiment, provenance, provenance_tags
 class Study:
     """A study being run: its spec, its MLflow parent run, and the records of the runs it finished."""
 
-    def __init__(self, spec: StudySpec, out=sys.stdout):
+    def __init__(self, spec: StudySpec, out=sys.stdout, imported: Optional[ImportedRuns] = None):
         self.spec, self.out = spec, out
+        self.imported = imported or ImportedRuns()  # runs measured by another invocation (--measurements)
         self.folder = spec.results
         self.folder.mkdir(parents=True, exist_ok=True)
         self.client, self.experiment_id = open_experiment(spec.tracking_uri, spec.mlflow_experiment)
@@ -69,6 +71,10 @@ class Study:
     def run_folder(self, arm: str, seed: int) -> Path:
         return self.folder / "runs" / f"{arm}-seed{seed}"
 
+    def finished(self, arm: str, seed: int) -> bool:
+        """Trained here (done.json), or measured by another invocation and read from its measurements.csv."""
+        return (self.run_folder(arm, seed) / "done.json").is_file() or (arm, seed) in self.imported.records
+
     def train_all(self) -> None:
         """Seed by seed, so that a study stopped early already covers every arm (arms in dependency order). Says
         which run of how many starts, and when the rest should end (from the time per step of the runs trained
@@ -76,11 +82,10 @@ class Study:
         plan = [(arm, seed) for seed in self.spec.seeds for arm in self.spec.arms]
         spent, trained_steps = 0.0, 0
         for i, (arm, seed) in enumerate(plan, start=1):
-            if (self.run_folder(arm, seed) / "done.json").is_file():
+            if self.finished(arm, seed):
                 self.records[(arm, seed)] = self.train(arm, seed)
                 continue
-            left = sum(self.spec.arm_steps(a) for a, s in plan[i - 1:]
-                       if not (self.run_folder(a, s) / "done.json").is_file())
+            left = sum(self.spec.arm_steps(a) for a, s in plan[i - 1:] if not self.finished(a, s))
             eta = f", ETA {_duration(spent / trained_steps * left)}" if trained_steps else ""
             self.say(f"run {i}/{len(plan)}: arm {arm}, seed {seed}{eta}")
             start = time.perf_counter()
@@ -115,10 +120,7 @@ class Study:
         dependencies are done, and that no live process has claimed (an exclusive ``claim`` file in its folder
         names the process; a claim whose process is gone is taken over); wait while the rest are claimed."""
         plan = [(arm, seed) for seed in self.spec.seeds for arm in self.spec.arms]
-
-        def done(arm: str, seed: int) -> bool:
-            return (self.run_folder(arm, seed) / "done.json").is_file()
-
+        done = self.finished
         while True:
             pending = [(arm, seed) for arm, seed in plan if not done(arm, seed)]
             if not pending:
@@ -169,6 +171,8 @@ class Study:
         done = folder / "done.json"
         if done.is_file():
             return json.loads(done.read_text())
+        if (arm, seed) in self.imported.records:
+            return self.imported.records[(arm, seed)]
         folder.mkdir(parents=True, exist_ok=True)
         started = folder / "run.json"
         if started.is_file():
@@ -212,7 +216,7 @@ class Study:
         spec = self.spec
         cfg = yaml.safe_load(Path(spec.base).read_text())
         for path, value in spec.arms[arm].set.items():
-            _set(cfg, path, resolve_references(copy.deepcopy(value), lambda name: self.records[(name, seed)]["last"]))
+            _set(cfg, path, resolve_references(copy.deepcopy(value), lambda name: self._checkpoint_to_read(arm, name, seed)))
         cfg["seed_everything"] = seed
         cfg["data"]["seed"] = seed
         trainer = cfg["trainer"]
@@ -237,6 +241,14 @@ class Study:
             {"class_path": "igdit.callbacks.StepProgress", "init_args": {"label": f"{arm} seed {seed}"}}]
         trainer["callbacks"] = callbacks
         return plain_values(cfg)  # the study file's restricted numbers included
+
+    def _checkpoint_to_read(self, arm: str, needed: str, seed: int) -> str:
+        last = self.records[(needed, seed)]["last"]
+        if self.imported.owns(last):
+            raise ConfigError("--measurements", self.records[(needed, seed)]["imported"],
+                              f"gives {needed} seed {seed} as measurements only, but {arm} trains here and reads its "
+                              "checkpoint; import both or neither")
+        return last
 
     # ---- evaluations on checkpoints -------------------------------------------------------------------------
     def evaluator(self) -> FrechetEvaluator:
@@ -284,6 +296,11 @@ class Study:
     def fd(self, checkpoint: str, settings: dict[str, dict], seed: int) -> dict[str, dict]:
         """{setting: {"fd", "nfe", "cost"}} of a checkpoint (its EMA weights) under named guidance settings, with the
         study's protocol; cost: network rows per sample and NFE, relative to the unguided model."""
+        if self.imported.owns(checkpoint):
+            return self.imported.sampled(checkpoint, settings)
+        if ImportedRuns.PREFIX in json.dumps(settings):  # a guide known only by its measurements
+            raise ConfigError("--measurements", json.dumps(settings), "guides with a run given as measurements "
+                                                                      "only, which has no checkpoint to sample with")
         e = self.spec.evaluation
         key = {"checkpoint": checkpoint, "settings": settings, "n": e.num_samples, "sampler": e.sampler,
                "steps": e.steps, "seed": seed}
@@ -300,6 +317,8 @@ class Study:
     def probe(self, checkpoint: str, seed: int) -> float:
         """Val accuracy of a logistic regression on block features (the Probe protocol)."""
         p = self.spec.probe
+        if self.imported.owns(checkpoint):
+            return self.imported.probe(checkpoint, p.setting())
         key = {"checkpoint": checkpoint, "block": p.block, "t": p.t, "n": p.train_samples, "seed": seed}
         return self._cached("probe", key, lambda: probe_accuracy(load_module(checkpoint), self.data_root(),
                                                                  p.block, p.t, p.train_samples, seed))
@@ -419,34 +438,13 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
-def write_measurements(study, results: Results) -> Path:
-    """Every number the study measured, one row each (arm, seed, step, setting, metric, value): the FD curves every
-    run logged, each run's training time, and the evaluations the claims read (sampling settings, probes)."""
-    import csv
-
-    rows = []
-    for (arm, seed), record in sorted(study.records.items(), key=lambda item: (item[0][1], item[0][0])):
-        for setting, curve in sorted(record["fd"].items()):
-            rows += [{"arm": arm, "seed": seed, "step": int(step), "setting": setting, "metric": "fd_digits",
-                      "value": value} for step, value in sorted(curve.items(), key=lambda kv: int(kv[0]))]
-        rows.append({"arm": arm, "seed": seed, "step": study.spec.arm_steps(arm), "setting": "",
-                     "metric": "train_seconds", "value": record["seconds"]})
-    rows += results.measurements
-    path = study.folder / "measurements.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["arm", "seed", "step", "setting", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def run_study(spec: StudySpec, out=sys.stdout, workers: int = 1, argv: Optional[list[str]] = None,
-              train_only: bool = False) -> Optional[Path]:
+              train_only: bool = False, imported: Optional[ImportedRuns] = None) -> Optional[Path]:
     """Train what is not trained yet (in ``workers`` processes started with ``argv``, the command's own
     arguments), evaluate, write REPRODUCTION.md, its plots and measurements.csv; returns the report's path
-    (None with ``train_only``)."""
+    (None with ``train_only``). ``imported``: runs another invocation measured, read instead of trained."""
     start = time.perf_counter()
-    study = Study(spec, out)
+    study = Study(spec, out, imported)
     study.say(f"study {spec.name} ({'quick' if spec.quick else 'full'}): {len(spec.arms)} arms x {len(spec.seeds)} "
               f"seed(s) into {study.folder}; MLflow parent run {study.parent_id} in {study.uri}")
     try:
@@ -464,7 +462,7 @@ def run_study(spec: StudySpec, out=sys.stdout, workers: int = 1, argv: Optional[
         for i, make in enumerate(CLAIMS, start=1):
             study.say(f"evaluating claim {i}/{len(CLAIMS)} ({make.__name__.removeprefix('claim_').replace('_', ' ')})")
             claims.append(make(results))
-        write_measurements(study, results)
+        write_measurements(study, results.measurements)
         report = write_report(study, claims, time.perf_counter() - start, provenance())
     except BaseException:
         study.client.set_terminated(study.parent_id, status="KILLED")

@@ -71,6 +71,10 @@ class Probe:
     t: float = 0.3
     train_samples: PositiveInt = 1000
 
+    def setting(self) -> str:
+        """The probe's name in measurements.csv's ``setting`` column."""
+        return f"block{self.block}_t{self.t:g}"
+
 
 @dataclass
 class WhereIGActs:

@@ -22,6 +22,7 @@ is pointed at the random VAE: encoding 2000 256-px images through a full-size VA
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +37,14 @@ from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 GIB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def _drop_checkpoints(tmp_path):
+    """Each run's last.ckpt is 6-7 GB: removed when its test ends, passed or failed, so that the tests after it (and
+    the next session's) do not meet a full disk. The logs and samples stay for a failed test."""
+    yield
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)
 
 
 def _available_gib() -> float:

@@ -13,8 +13,8 @@ weights, gradients, AdamW state and EMA copy) an XL fit grew past 14 GB resident
 was killed by the kernel on a 24 GB machine shared with other work, and Lightning's own writer serialises the
 whole checkpoint into memory before writing it (6.3 GB for SiT-XL/2 in bf16, ~11 GB in fp32). bf16-true holds
 everything in bfloat16, half of that. The DataLoader keeps the YAML's 8 workers. The two models are two tests,
-each skipped (with the reason) when the machine has not the memory free; the child processes volunteer to the
-kernel's OOM killer first, so a tight machine loses this test, not other work.
+each skipped (with the reason) when the machine has not the memory or 10 GiB of disk free; the child processes
+volunteer to the kernel's OOM killer first, so a tight machine loses this test, not other work.
 
 The shards are written by igdit's own builder (`build_dataset`: identity encoder on random latent-shaped arrays,
 1000 classes x 2 images, 8 train shards for the 8 workers; VA-VAE's with channel statistics), then their meta.json
@@ -37,6 +37,7 @@ from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 GIB = 2**30
+DISK_GIB = 10
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +97,9 @@ def smoke(config: str, root: Path, preset: str, scratch: Path, need_gib: float, 
     available = _available_gib()
     if available < need_gib:
         pytest.skip(f"a paper-scale CPU run needs {need_gib:.0f} GiB of free memory; {available:.1f} GiB available")
+    disk = shutil.disk_usage(scratch).free / GIB
+    if disk < DISK_GIB:  # its last.ckpt alone is 6-7 GB
+        pytest.skip(f"a paper-scale CPU run needs {DISK_GIB} GiB of free disk in {scratch}; {disk:.1f} GiB free")
     callbacks = [c for c in yaml.safe_load((REPO / config).read_text())["trainer"]["callbacks"]
                  if not c["class_path"].endswith(("FIDCallback", "SampleGrid"))]
     fit = [sys.executable, "-m", "igdit.cli", "fit", "--config", str(REPO / config),

@@ -233,3 +233,21 @@ def test_seeds_measured_by_another_invocation_give_the_report_one_invocation_giv
                     r"another protocol are not pooled$", refused(other))
     (handed / "protocol.json").unlink()
     assert re.match(r"^error: --measurements: .* has no protocol\.json beside it", refused(part))
+
+
+def test_a_run_trained_here_cannot_read_the_checkpoint_of_a_run_given_as_measurements(tmp_path, digits_root):
+    from igdit.study.measurements import ImportedRuns
+    from igdit.study.runner import Study
+
+    arms = {"guide": {"budget": 0.5}, "guided": {"set": {"model.guide": "${checkpoint:guide}"}}}
+    spec = StudySpec.load(str(_study(tmp_path, digits_root, arms=arms)))
+    imported = ImportedRuns()
+    imported.records[("guide", 0)] = {"last": f"{ImportedRuns.PREFIX}other.csv#guide/0/10", "imported": "other.csv"}
+    study = Study(spec, imported=imported)
+    assert study.finished("guide", 0) and not study.finished("guided", 0)
+    study.records[("guide", 0)] = study.train("guide", 0)  # read, not trained
+    with pytest.raises(ConfigError, match=r"^--measurements: 'other\.csv' is not allowed; gives guide seed 0 as "
+                                          r"measurements only, but guided trains here and reads its checkpoint"):
+        study.experiment("guided", 0, "run-id")
+    with pytest.raises(ConfigError, match=r"^--measurements: .* guides with a run given as measurements only"):
+        study.fd("here.ckpt", {"ag": {"ag": {"ckpt": study.records[("guide", 0)]["last"]}}}, 0)

@@ -216,7 +216,8 @@ class Study:
         spec = self.spec
         cfg = yaml.safe_load(Path(spec.base).read_text())
         for path, value in spec.arms[arm].set.items():
-            _set(cfg, path, resolve_references(copy.deepcopy(value), lambda name: self._checkpoint_to_read(arm, name, seed)))
+            value = resolve_references(copy.deepcopy(value), lambda name: self._checkpoint_to_read(arm, name, seed))
+            _set(cfg, path, value)
         cfg["seed_everything"] = seed
         cfg["data"]["seed"] = seed
         trainer = cfg["trainer"]

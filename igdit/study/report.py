@@ -107,7 +107,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_report(study, claims: list[Claim], seconds: float, provenance: dict) -> Path:
-    """REPRODUCTION.md in the study's results folder, with a plot folder and measurements.csv beside it."""
+    """REPRODUCTION.md in the study's results folder, with a plot folder, measurements.csv and protocol.json beside it."""
     spec, folder = study.spec, study.folder
     plots = {claim.key: plot_claim(claim, folder / "plots") for claim in claims}
     e, p = spec.evaluation, spec.probe
@@ -177,8 +177,9 @@ def write_report(study, claims: list[Claim], seconds: float, provenance: dict) -
     path = folder / "REPRODUCTION.md"
     path.write_text("\n".join(lines) + "\n")
     study.client.log_artifact(study.parent_id, str(path))
-    if (folder / "measurements.csv").is_file():
-        study.client.log_artifact(study.parent_id, str(folder / "measurements.csv"))
+    for name in ("measurements.csv", "protocol.json"):  # the numbers, and what they were measured under
+        if (folder / name).is_file():
+            study.client.log_artifact(study.parent_id, str(folder / name))
     study.client.log_artifacts(study.parent_id, str(folder / "plots"), artifact_path="plots")
     for claim in claims:
         study.client.set_tag(study.parent_id, f"claim.{claim.key}", claim.verdict)

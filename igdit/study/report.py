@@ -107,7 +107,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_report(study, claims: list[Claim], seconds: float, provenance: dict) -> Path:
-    """REPRODUCTION.md in the study's results folder, with a plot folder, measurements.csv and protocol.json beside it."""
+    """REPRODUCTION.md in the study's results folder, with its plots, measurements.csv and protocol.json beside it."""
     spec, folder = study.spec, study.folder
     plots = {claim.key: plot_claim(claim, folder / "plots") for claim in claims}
     e, p = spec.evaluation, spec.probe

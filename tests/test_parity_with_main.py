@@ -1,6 +1,7 @@
 """Numerics stay as they were before the framework reshape: forward, loss, optimiser steps and samplers give the
 values recorded from igdit main at commit 3e13311 (tests/data/record_main_numerics.py) on the same weights and
-noise, to 1e-6 or bit for bit."""
+noise, to 1e-6. Bit for bit only on a CPU with the recording machine's instruction set: an AVX2-only CPU rounds the
+float32 sums differently (2e-8 to 2.4e-7 on the forward pass)."""
 from pathlib import Path
 
 import pytest
@@ -24,21 +25,20 @@ def _backbone(key: str) -> SiT:
     return model.eval()
 
 
-def test_forward_exit_and_hidden_states_are_bit_for_bit_those_of_main():
+def test_forward_exit_and_hidden_states_are_those_of_main():
     out = _backbone("state_dict")(REF["x"], REF["t"], REF["y"], exits=[2], hidden=[3])
-    assert torch.equal(out.final, REF["final"])
-    assert torch.equal(out.exits[2], REF["exit2"])
-    assert torch.equal(out.hidden[3], REF["hidden3"])
+    for value, key in ((out.final, "final"), (out.exits[2], "exit2"), (out.hidden[3], "hidden3")):
+        torch.testing.assert_close(value, REF[key], rtol=0, atol=1e-6)
 
 
-def test_loss_terms_are_bit_for_bit_those_of_main():
+def test_loss_terms_are_those_of_main():
     module = build_module(CONFIG)
     module.backbone.load_state_dict(REF["state_dict"])
     loss, terms = module.compute_loss(REF["x"], REF["y"], step=0, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(loss, REF["loss"])
+    torch.testing.assert_close(loss, REF["loss"], rtol=0, atol=1e-6)
     assert set(terms) == set(REF["loss_terms"]) == {"diffusion", "ig_exit"}
     for name, value in terms.items():
-        assert torch.equal(value, REF["loss_terms"][name])
+        torch.testing.assert_close(value, REF["loss_terms"][name], rtol=0, atol=1e-6)
 
 
 def test_three_adamw_steps_with_warmup_end_at_the_weights_of_main():
@@ -55,8 +55,10 @@ def test_three_adamw_steps_with_warmup_end_at_the_weights_of_main():
         schedule.step()
         losses.append(loss.detach())
     torch.testing.assert_close(torch.stack(losses), REF["train_losses"], rtol=0, atol=1e-6)
+    # Adam divides by sqrt(v): a weight whose gradients are ~0 turns 1e-7 rounding differences of another CPU's
+    # kernels into ~1e-6 (1.6e-6 seen on AVX2); a real change moves weights by the learning rate's scale (1e-3)
     for key, value in module.backbone.state_dict().items():
-        torch.testing.assert_close(value, REF["trained_state_dict"][key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(value, REF["trained_state_dict"][key], rtol=0, atol=1e-5)
 
 
 NOISE = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(9))

@@ -109,13 +109,16 @@ class ImportedRuns:
         if not rows or list(rows[0]) != FIELDS:
             raise ConfigError(field, str(path), f"expected the columns {', '.join(FIELDS)}")
         commit = ", ".join(meta.get("commits") or ["unknown"])
-        runs = sorted({(r["arm"], int(r["seed"])) for r in rows if r["metric"] == "train_seconds"
-                       and r["arm"] in spec.arms and int(r["seed"]) in spec.seeds})
+        by_run: dict[tuple[str, int], list[dict]] = {}  # one pass over the file, not one per run
+        for r in rows:
+            by_run.setdefault((r["arm"], int(r["seed"])), []).append(r)
+        runs = sorted(run for run, run_rows in by_run.items() if run[0] in spec.arms and run[1] in spec.seeds
+                      and any(r["metric"] == "train_seconds" for r in run_rows))
         for arm, seed in runs:
             if (arm, seed) in self.records:
                 raise ConfigError(field, str(path), f"holds {arm} seed {seed} too, which "
                                                     f"{self.records[(arm, seed)]['imported']} already gave")
-            mine_rows = [r for r in rows if r["arm"] == arm and int(r["seed"]) == seed]
+            mine_rows = by_run[(arm, seed)]
             curves: dict[str, dict[str, float]] = {}
             for r in mine_rows:
                 if r["metric"] == "fd_digits":
